@@ -1,0 +1,1 @@
+# Declarations of hast/_codec.pyx

@@ -1,0 +1,1 @@
+# Declarations of hast/_io.pyx

@@ -1,0 +1,106 @@
+"""pjdlog: the one logging layer of hastd and hastctl.
+
+FreeBSD's tools print every message as ``[LEVEL] <prefix><text>`` on a terminal (WARNING and
+worse to stderr, the rest to stdout) and send the same body to syslog (LOG_DAEMON) once hastd
+daemonizes.  Scripts grep these texts, so the format is part of the interface.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+import sys
+import syslog
+
+MODE_STD = 0
+MODE_SYSLOG = 1
+
+_LEVELS = {
+    syslog.LOG_EMERG: "EMERG",
+    syslog.LOG_ALERT: "ALERT",
+    syslog.LOG_CRIT: "CRIT",
+    syslog.LOG_ERR: "ERROR",
+    syslog.LOG_WARNING: "WARNING",
+    syslog.LOG_NOTICE: "NOTICE",
+    syslog.LOG_INFO: "INFO",
+    syslog.LOG_DEBUG: "DEBUG",
+}
+
+_mode = MODE_STD
+_debug_level = 0
+_prefix = ""
+
+
+def init(mode: int = MODE_STD, ident: str = "hastd") -> None:
+    global _mode
+    _mode = mode
+    if mode == MODE_SYSLOG:
+        syslog.openlog(ident, syslog.LOG_PID | syslog.LOG_NDELAY, syslog.LOG_DAEMON)
+
+
+def set_debug(level: int) -> None:
+    global _debug_level
+    _debug_level = level
+
+
+def debug_level() -> int:
+    return _debug_level
+
+
+def set_prefix(prefix: str) -> None:
+    """``[<res>] (<role>) `` in workers, ``[<res>] `` in hastctl create, empty otherwise."""
+    global _prefix
+    _prefix = prefix
+
+
+def strerror(err: int) -> str:
+    # FreeBSD's strerror texts match glibc's for the errnos hastd reports; a few differ
+    # in case only, which scripts do not depend on.
+    return os.strerror(err)
+
+
+def _emit(level: int, text: str, dlevel: int = 0, err: int | None = None) -> None:
+    body = _prefix + text
+    if err is not None:
+        body += f": {strerror(err)}."
+    if _mode == MODE_SYSLOG:
+        syslog.syslog(level, body)
+        return
+    tag = f"[{_LEVELS[level]}]"
+    if level == syslog.LOG_DEBUG:
+        tag += f"[{dlevel}]"
+    stream = sys.stderr if level <= syslog.LOG_WARNING else sys.stdout
+    stream.write(f"{tag} {body}\n")
+    stream.flush()
+
+
+def crit(text: str, err: int | None = None) -> None:
+    _emit(syslog.LOG_CRIT, text, err=err)
+
+
+def error(text: str, err: int | None = None) -> None:
+    _emit(syslog.LOG_ERR, text, err=err)
+
+
+def warning(text: str, err: int | None = None) -> None:
+    _emit(syslog.LOG_WARNING, text, err=err)
+
+
+def notice(text: str, err: int | None = None) -> None:
+    _emit(syslog.LOG_NOTICE, text, err=err)
+
+
+def info(text: str, err: int | None = None) -> None:
+    _emit(syslog.LOG_INFO, text, err=err)
+
+
+def debug(dlevel: int, text: str, err: int | None = None) -> None:
+    if dlevel <= _debug_level:
+        _emit(syslog.LOG_DEBUG, text, dlevel=dlevel, err=err)
+
+
+def exc_errno(exc: BaseException) -> int:
+    """The errno an OSError carries, EIO for anything else (pjdlog appends strerror of it)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno
+    return _errno.EIO
