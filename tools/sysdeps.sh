@@ -1,0 +1,25 @@
+#!/bin/sh
+# Install the Debian packages py-hast's tests and demo need, only those missing.
+# Called by `make test` and `make demo` (README's two commands) and by .ci/run.
+set -eu
+
+# command -> Debian package
+need="losetup:util-linux mkfs.ext4:e2fsprogs"
+
+missing=""
+for pair in $need; do
+	cmd=${pair%%:*}
+	pkg=${pair#*:}
+	command -v "$cmd" >/dev/null 2>&1 || PATH="$PATH:/sbin:/usr/sbin" command -v "$cmd" >/dev/null 2>&1 \
+		|| missing="$missing $pkg"
+done
+[ -z "$missing" ] && exit 0
+
+if [ "$(id -u)" != 0 ]; then
+	echo "sysdeps: missing packages:$missing (run as root, or install them)" >&2
+	exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $missing >/dev/null
