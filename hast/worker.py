@@ -1,0 +1,212 @@
+"""worker: one process per active resource, as hastd forks one per resource.
+
+The parent (hast.daemon) never touches data: a primary or secondary worker owns the provider,
+the replication connections and, on a primary, the frontend.  We start workers as a fresh
+interpreter (``python -m hast.worker``) rather than a bare fork(): the parent's state stays
+out of the worker, and argv[0] becomes FreeBSD's process title ``hastd: <res> (<role>)``, which
+failover scripts look for with ``pgrep -f``.
+
+Parent and worker talk as in FreeBSD over two socketpairs carrying hast_proto frames:
+``ctrl`` (parent -> worker: STATUS = 10, RELOAD = 11) and ``event`` (worker -> parent: one
+``event`` per hook-worthy event; the parent answers ``error`` once the hook is started).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hast import log, proto
+from hast import nv as nvmod
+from hast.config import Config, Resource
+
+# worker -> parent events (event.h); the names are the hook arguments
+EVENT_NONE, EVENT_CONNECT, EVENT_DISCONNECT = 0, 1, 2
+EVENT_SYNCSTART, EVENT_SYNCDONE, EVENT_SYNCINTR, EVENT_SPLITBRAIN = 3, 4, 5, 6
+EVENT_NAMES = {
+    EVENT_CONNECT: "connect", EVENT_DISCONNECT: "disconnect", EVENT_SYNCSTART: "syncstart",
+    EVENT_SYNCDONE: "syncdone", EVENT_SYNCINTR: "syncintr", EVENT_SPLITBRAIN: "split-brain",
+}
+
+# parent -> worker control commands (control.h)
+CONTROL_STATUS = 10
+CONTROL_RELOAD = 11
+
+_SPEC_ENV = "HAST_WORKER_SPEC"
+
+
+@dataclass
+class WorkerContext:
+    """What a worker gets from its parent: the running configuration and its channels."""
+
+    config: Config
+    resource: Resource
+    role: str                       # "primary" or "secondary"
+    debug: int = 0
+    foreground: bool = False
+    ctrl: socket.socket | None = None
+    event: socket.socket | None = None
+    remotein: socket.socket | None = None    # secondary: connection #1 (requests)
+    remoteout: socket.socket | None = None   # secondary: connection #2 (replies)
+    handshake: nvmod.NV | None = None        # secondary: handshake step 2 as received
+    version: int = proto.PROTO_VERSION       # negotiated protocol version
+    _event_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def emit(self, event: int) -> None:
+        """Tell the parent (which runs the hook) and wait until it has, as FreeBSD does."""
+        if self.event is None:
+            return
+        with self._event_lock:
+            try:
+                proto.send_frame(self.event, self.version, nvmod.NV().add_uint8("event", event))
+                proto.recv_frame(self.event, proto.MAX_NV_CONTROL)
+            except OSError as exc:
+                log.warning(f"Unable to send event to the parent: {exc.strerror or exc}.")
+
+    def serve_control(self, status: Callable[[], nvmod.NV],
+                      reload: Callable[[nvmod.NV], int] | None = None) -> threading.Thread:
+        """Answer the parent's STATUS/RELOAD on a daemon thread (FreeBSD's ctrl_thread)."""
+
+        def loop() -> None:
+            assert self.ctrl is not None
+            while True:
+                try:
+                    _version, req = proto.recv_frame(self.ctrl, proto.MAX_NV_CONTROL)
+                except OSError:
+                    # the parent is gone: nothing may run without it (FreeBSD SIGTERMs itself)
+                    os.kill(os.getpid(), 15)
+                    return
+                cmd = req.get_uint8("cmd")
+                if cmd == CONTROL_STATUS:
+                    reply = status()
+                    reply.add_int16("error", 0)
+                elif cmd == CONTROL_RELOAD and reload is not None:
+                    reply = nvmod.NV().add_int16("error", reload(req))
+                else:
+                    reply = nvmod.NV().add_int16("error", 22)  # EINVAL
+                try:
+                    proto.send_frame(self.ctrl, self.version, reply)
+                except OSError:
+                    os.kill(os.getpid(), 15)
+                    return
+
+        thread = threading.Thread(target=loop, name="ctrl", daemon=True)
+        if self.ctrl is not None:
+            thread.start()
+        return thread
+
+
+@dataclass
+class WorkerHandle:
+    """The parent's side of a running worker."""
+
+    process: subprocess.Popen
+    role: str
+    ctrl: socket.socket
+    event: socket.socket
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def request(self, msg: nvmod.NV, timeout: float = 20.0) -> nvmod.NV:
+        self.ctrl.settimeout(timeout)
+        proto.send_frame(self.ctrl, proto.PROTO_VERSION, msg)
+        return proto.recv_frame(self.ctrl, proto.MAX_NV_CONTROL)[1]
+
+    def close(self) -> None:
+        for sock in (self.ctrl, self.event):
+            sock.close()
+
+
+def title(resource: str, role: str) -> str:
+    return f"hastd: {resource} ({role})"
+
+
+def spawn(config: Config, resource: Resource, role: str, debug: int = 0,
+          foreground: bool = False, remotein: socket.socket | None = None,
+          remoteout: socket.socket | None = None, handshake: nvmod.NV | None = None,
+          version: int = proto.PROTO_VERSION) -> WorkerHandle:
+    ctrl_parent, ctrl_child = socket.socketpair()
+    event_parent, event_child = socket.socketpair()
+    fds = {"ctrl": ctrl_child.fileno(), "event": event_child.fileno()}
+    if remotein is not None:
+        fds["remotein"] = remotein.fileno()
+    if remoteout is not None:
+        fds["remoteout"] = remoteout.fileno()
+    spec = {
+        "config": dataclasses.asdict(config),
+        "resource": resource.name,
+        "role": role,
+        "debug": debug,
+        "foreground": foreground,
+        "fds": fds,
+        "handshake": handshake.pack().hex() if handshake is not None else None,
+        "version": version,
+    }
+    env = dict(os.environ, **{_SPEC_ENV: json.dumps(spec)})
+    try:
+        process = subprocess.Popen(
+            [title(resource.name, role), "-m", "hast.worker"], executable=sys.executable,
+            pass_fds=list(fds.values()), env=env, close_fds=True,
+            stdin=subprocess.DEVNULL,
+            stdout=None if foreground else subprocess.DEVNULL,
+            stderr=None if foreground else subprocess.DEVNULL)
+    finally:
+        ctrl_child.close()
+        event_child.close()
+    return WorkerHandle(process, role, ctrl_parent, event_parent)
+
+
+def _context_from_env() -> WorkerContext:
+    spec = json.loads(os.environ.pop(_SPEC_ENV))
+    raw = spec["config"]
+    resources = {name: Resource(**fields) for name, fields in raw.pop("resources").items()}
+    config = Config(**raw, resources=resources)
+    fds = spec["fds"]
+
+    def sock(key: str) -> socket.socket | None:
+        return socket.socket(fileno=fds[key]) if key in fds else None
+
+    handshake = spec["handshake"]
+    return WorkerContext(
+        config=config, resource=resources[spec["resource"]], role=spec["role"],
+        debug=spec["debug"], foreground=spec["foreground"], ctrl=sock("ctrl"),
+        event=sock("event"), remotein=sock("remotein"), remoteout=sock("remoteout"),
+        handshake=nvmod.NV.unpack(bytes.fromhex(handshake)) if handshake else None,
+        version=spec["version"])
+
+
+def _set_comm(name: str) -> None:
+    """Linux keeps a 15-byte task name apart from argv; make ``ps -o comm`` say hastd too."""
+    try:
+        from hast import _os  # type: ignore[attr-defined]
+    except ImportError:
+        return
+    if hasattr(_os.lib, "prctl"):
+        _os.lib.prctl(_os.lib.PR_SET_NAME, _os.ffi.cast("unsigned long",
+                      _os.ffi.from_buffer(name.encode()[:15] + b"\0")), 0, 0, 0)
+
+
+def main() -> int:
+    ctx = _context_from_env()
+    log.init(log.MODE_STD if ctx.foreground else log.MODE_SYSLOG, "hastd")
+    log.set_debug(ctx.debug)
+    log.set_prefix(f"[{ctx.resource.name}] ({ctx.role}) ")
+    _set_comm("hastd")
+    if ctx.role == "primary":
+        from hast import primary
+        return primary.run(ctx)
+    from hast import secondary
+    return secondary.run(ctx)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
