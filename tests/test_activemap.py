@@ -545,3 +545,51 @@ def test_selector(pure: bool, expected: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, check=True,
                          capture_output=True, text=True).stdout.split()
     assert out == [expected, "PyActiveMap" if pure else "ActiveMap", "512"]
+
+
+def test_accessors_and_partial_last_extent(AM: Any) -> None:
+    m = AM(5 * MiB + 512, MiB, 4096, 8, 256 * KiB)
+    assert (m.nextents, m.extent_size(), m.size(), m.ondisk_size()) == (6, MiB, 8, 4096)
+    assert (m.mediasize, m.keepdirty, m.maxphys) == (5 * MiB + 512, 8, 256 * KiB)
+    m.need_sync(5 * MiB, 512)                   # last extent: 512 bytes, 1 request
+    m.need_sync(0, 1)                           # full extent: 4 requests
+    assert (m.pending(0), m.pending(5)) == (4, 1)
+    m.sync_rewind()
+    offs = [m.sync_offset() for _ in range(6)]
+    assert offs[4] == (5 * MiB, 512, 0) and offs[5] == (-1, 0, 5)
+    assert len(AM(MiB, 4096, 1, 8).bitmap()) == 32     # 256 extents, sector smaller than 8
+
+
+def test_concurrent_callers_cython() -> None:
+    """Several threads writing while another scans (GIL released): consistent at the end."""
+    import threading
+
+    m = _bitmap.ActiveMap(64 << 40, 2 * MiB, 4096, 64)
+    n = m.nextents
+    m.need_sync((n - 1) * 2 * MiB, 1)
+    errors: list[BaseException] = []
+
+    def writer(seed: int) -> None:
+        rnd = random.Random(seed)
+        try:
+            for _ in range(20_000):
+                off = rnd.randrange(1000) * 2 * MiB + 4096 * rnd.randrange(512)
+                m.write_start(off, 4096)
+                m.write_complete(off, 4096)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def scanner() -> None:
+        for _ in range(200):
+            if m.next_dirty(1000) != n - 1:
+                errors.append(AssertionError("scan lost the last extent"))
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    threads.append(threading.Thread(target=scanner))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert m.ndirty() == 1 and m.next_dirty(0) == n - 1
+    assert all(m.pending(e) == 0 for e in range(1000))
