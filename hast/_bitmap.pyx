@@ -15,7 +15,7 @@ amd64/arm64), which keeps the byte layout host-independent.
 
 Thread safety. Every method except next_dirty() runs entirely with the GIL held and never
 calls back into Python while the state is inconsistent, so concurrent calls from several
-Python threads are serialised by the GIL (this is what hastd's range mutex gives the C
+Python threads are serialised by the GIL (what hastd's hr_amp_lock mutex gives the C
 code). next_dirty() only reads, and releases the GIL for large scans; a concurrent writer
 can at worst make it miss or report a bit that changed during the scan, which is the same
 race the caller would have after the call returns. (A free-threaded CPython would need an
