@@ -1,0 +1,122 @@
+"""The primary's frontend on Linux: its data served over NBD, and /dev/hast/<name>.
+
+hast.frontends.nbd speaks the protocol; this module adapts NBD requests to the primary's
+submit_* calls (hast.primary) and, like GEOM_GATE on FreeBSD, makes /dev/hast/<name> appear
+while the resource is primary and disappear on demotion (hast.frontends.devnode).  The UNIX
+socket is always served; TCP only where py-hast.conf says so (``nbd <resource> <addr>``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import TYPE_CHECKING
+
+from hast import log
+from hast.config import parse_address
+from hast.frontends import nbd
+
+if TYPE_CHECKING:
+    from hast.primary import Primary
+
+
+class _Join:
+    """Completes one NBD request made of several HAST requests (WRITE_ZEROES)."""
+
+    __slots__ = ("left", "error", "lock", "done")
+
+    def __init__(self, parts: int, done) -> None:
+        self.left = parts
+        self.error = 0
+        self.lock = threading.Lock()
+        self.done = done
+
+    def part(self, err: int) -> None:
+        with self.lock:
+            if err and not self.error:
+                self.error = err
+            self.left -= 1
+            last = self.left == 0
+        if last:
+            self.done(self.error)
+
+
+class PrimaryBackend:
+    """The NBD backend contract of hast.frontends.nbd, served by a primary."""
+
+    def __init__(self, primary: Primary) -> None:
+        self.primary = primary
+        self.size = primary.datasize
+        self.sector_size = primary.sectorsize
+        self.max_request = primary.maxio
+        self.read_only = False
+        self.can_trim = True
+        self.can_flush = True
+        # a FLUSH flushes both components entirely, whatever connection it came on
+        self.multi_conn = True
+        self._zeros = memoryview(bytes(primary.maxio))
+
+    def submit(self, req: nbd.Request) -> None:
+        p = self.primary
+        cmd = req.cmd
+        if cmd == nbd.CMD_READ:
+            p.submit_read(req.offset, req.length, req.buf, req.complete)
+        elif cmd == nbd.CMD_WRITE:
+            p.submit_write(req.offset, req.length, req.buf, req.complete,
+                           fua=bool(req.flags & nbd.FLAG_FUA))
+        elif cmd == nbd.CMD_FLUSH:
+            p.submit_flush(req.complete)
+        elif cmd == nbd.CMD_TRIM:
+            p.submit_delete(req.offset, req.length, req.complete)
+        elif cmd == nbd.CMD_WRITE_ZEROES:
+            # zeros travel as 4-byte "hole" payloads, so plain WRITEs are cheap on the wire
+            step = self.max_request
+            starts = range(req.offset, req.offset + req.length, step)
+            join = _Join(len(starts), req.complete)
+            fua = bool(req.flags & nbd.FLAG_FUA)
+            for start in starts:
+                length = min(step, req.offset + req.length - start)
+                p.submit_write(start, length, self._zeros[:length], join.part, fua=fua)
+        else:
+            req.complete(22)  # EINVAL
+
+
+class LinuxFrontend:
+    def __init__(self, primary: Primary) -> None:
+        self.primary = primary
+        self.server: nbd.NBDServer | None = None
+        self.devnode = None
+
+    def start(self) -> None:
+        p = self.primary
+        settings = p.settings
+        name = p.res.provname
+        self.server = nbd.NBDServer(PrimaryBackend(p), export_name=name)
+        sockpath = settings.socket_for(p.res.name)
+        os.makedirs(os.path.dirname(sockpath), mode=0o700, exist_ok=True)
+        self.server.listen_unix(sockpath)
+        tcp = settings.nbd_tcp.get(p.res.name)
+        if tcp:
+            _scheme, host, port = parse_address(tcp, 10809)
+            self.server.listen_tcp(host, port)
+        self.server.start()
+        log.info(f"Serving NBD export '{name}' on {sockpath}"
+                 + (f" and tcp://{tcp}" if tcp else "") + ".")
+        if settings.devdir != "none":
+            from hast.frontends import devnode
+            try:
+                self.devnode = devnode.attach(name, sockpath, settings.devdir)
+            except OSError as exc:
+                log.error(f"Unable to create {settings.devdir}/{name}: {exc}")
+                raise
+
+    def stop(self) -> None:
+        if self.devnode is not None:
+            try:
+                self.devnode.detach()
+            except OSError as exc:
+                log.error(f"Unable to remove /dev/hast/{self.primary.res.provname}: {exc}")
+            self.devnode = None
+        if self.server is not None:
+            self.server.stop()
+            self.server = None

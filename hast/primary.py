@@ -1,0 +1,786 @@
+"""primary: the primary worker -- FreeBSD's primary.c.
+
+The primary owns the local provider, the two connections to the secondary and the frontend
+that exposes the data (NBD + /dev/hast/<name> on Linux).  Every WRITE, DELETE and FLUSH goes to
+both components; READs are served locally, from the secondary while the local copy is stale
+(synchronizing from the secondary) or when the local read fails.  The activemap records every
+extent that may differ, and is on disk before a write is dispatched, so that after a crash of
+either node at any instant the dirty map covers every extent that may differ.
+
+When the frontend sees a WRITE complete (hast-internals §8.8):
+  fullsync  both copies written (the secondary's final reply)          -- py-hast's default
+  memsync   local copy written and the secondary has *received* the data
+  async     local copy written
+A FUA write is always completed as fullsync and flushed on both nodes.
+
+Threads instead of FreeBSD's five per-request stages: the frontend's threads submit requests,
+local I/O runs on a small pool (the GIL is released in hast._io), remote requests are sent by
+the submitting thread and completed by one receiver thread per connection.  Nothing touches
+data per byte in Python.
+
+Deliberate fixes of FreeBSD's defects (README lists them): every WRITE whose remote copy failed
+-- not connected, failed in flight, or answered with an error -- is marked for synchronization
+(FreeBSD marks only those issued while disconnected); DELETE takes the range lock and is
+marked likewise; synchronization keeps several chunks in flight; sync requests use their own
+sequence numbers; a FLUSH that finds a provider without cache flush support does not count an
+error.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from hast import _io, log, metadata, pipeline, proto, settings
+from hast import nv as nvmod
+from hast.activemap import ActiveMap
+from hast.rangelock import RangeLocks
+from hast.sysexits import EX_CONFIG, EX_NOINPUT, EX_TEMPFAIL
+from hast.worker import (
+    CONTROL_RELOAD,
+    EVENT_CONNECT,
+    EVENT_DISCONNECT,
+    EVENT_SPLITBRAIN,
+    WorkerContext,
+)
+
+# HAST request commands (hast.h)
+HIO_READ, HIO_WRITE, HIO_DELETE, HIO_FLUSH, HIO_KEEPALIVE = 1, 2, 3, 4, 5
+SYNCSRC_UNDEF, SYNCSRC_PRIMARY, SYNCSRC_SECONDARY = 0, 1, 2
+LOCAL, REMOTE = 0, 1
+HAST_KEEPALIVE = 10
+HAST_HIO_MAX = 256
+SPLIT_BRAIN = "Split-brain condition!"
+LOCAL_THREADS = 4
+
+# NBD commands and flags (the frontend contract, hast.frontends.nbd)
+NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_FLUSH, NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES = 0, 1, 3, 4, 6
+NBD_FLAG_FUA = 1
+
+
+class HIO:
+    """One request in flight (FreeBSD's struct hio)."""
+
+    __slots__ = ("cmd", "offset", "length", "buf", "done", "mode", "countdown", "errors",
+                 "acked", "local_done", "received", "lockkey", "sync", "fua", "event")
+
+    def __init__(self, cmd: int, offset: int, length: int, buf: memoryview | None,
+                 done, mode: str = "fullsync", sync: bool = False) -> None:
+        self.cmd = cmd
+        self.offset = offset
+        self.length = length
+        self.buf = buf
+        self.done = done              # callable(errno) completing towards the frontend
+        self.mode = mode              # captured at submission: a reload does not change it
+        self.countdown = 0
+        self.errors: list[int | None] = [None, None]   # per component; None = not asked
+        self.acked = False
+        self.local_done = False
+        self.received = False         # memsync: the secondary has the data
+        self.lockkey: tuple[int, int] | None = None
+        self.sync = sync
+        self.fua = False
+        self.event: threading.Event | None = None
+
+
+@dataclass
+class Stats:
+    read: int = 0
+    write: int = 0
+    delete: int = 0
+    flush: int = 0
+    activemap_update: int = 0
+    read_error: int = 0
+    write_error: int = 0
+    delete_error: int = 0
+    flush_error: int = 0
+
+
+@dataclass
+class Connection:
+    """Both sockets of one session with the secondary."""
+
+    out: socket.socket            # connection #1: requests
+    inn: socket.socket            # connection #2: replies
+    version: int
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pending: dict[int, HIO] = field(default_factory=dict)
+    up: bool = True
+    last_send: float = field(default_factory=time.monotonic)
+
+
+class LocalDisk:
+    """The local component: a pool of threads doing provider I/O with the GIL released."""
+
+    def __init__(self, primary: Primary, fd: int, localoff: int, nthreads: int) -> None:
+        self.primary = primary
+        self.fd = fd
+        self.localoff = localoff
+        self.flush_supported = True
+        self.queue: deque[HIO | None] = deque()
+        self.cond = threading.Condition()
+        self.threads = [threading.Thread(target=self._run, name=f"local{i}", daemon=True)
+                        for i in range(nthreads)]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, hio: HIO) -> None:
+        with self.cond:
+            self.queue.append(hio)
+            self.cond.notify()
+
+    def stop(self) -> None:
+        with self.cond:
+            for _ in self.threads:
+                self.queue.append(None)
+            self.cond.notify_all()
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue:
+                    self.cond.wait()
+                hio = self.queue.popleft()
+            if hio is None:
+                return
+            self.primary.local_done(hio, self.execute(hio))
+
+    def execute(self, hio: HIO) -> int:
+        try:
+            if hio.cmd == HIO_READ:
+                assert hio.buf is not None
+                got = _io.pread(self.fd, hio.buf, self.localoff + hio.offset)
+                return 0 if got == hio.length else errno.EIO
+            if hio.cmd == HIO_WRITE:
+                assert hio.buf is not None
+                put = _io.pwrite(self.fd, hio.buf, self.localoff + hio.offset)
+                return 0 if put == hio.length else errno.EIO
+            if hio.cmd == HIO_DELETE:
+                _io.delete(self.fd, self.localoff + hio.offset, hio.length)
+                return 0
+            if hio.cmd == HIO_FLUSH:
+                if not self.flush_supported:
+                    return errno.EOPNOTSUPP
+                _io.flush(self.fd)
+                return 0
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            if hio.cmd == HIO_FLUSH and err == errno.EOPNOTSUPP:
+                self.flush_supported = False
+            return err
+        return errno.EINVAL
+
+
+class Primary:
+    """Runtime state of one resource acting as primary."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self.res = ctx.resource
+        self.settings = settings.load(ctx.config.path)
+        self.maxio = self.settings.maxio_for(self.res.name)
+        self.mode = self.res.replication
+        self.stats = Stats()
+        self.lock = threading.RLock()          # request state and counters
+        self.map_lock = threading.Lock()       # on-disk bitmap image writes
+        self.md_lock = threading.Lock()        # metadata writes
+        self.ranges = RangeLocks()
+        self.stopping = threading.Event()
+        self.conn: Connection | None = None
+        self.hr_version = 1                    # FreeBSD starts at 1 until the first handshake
+        self.syncsrc = SYNCSRC_UNDEF
+        self.peer_localcnt = 0
+        self.peer_remotecnt = 0
+        self.seq = 0
+        self.inflight = 0
+        self.last_attempt = 0.0
+        self._open_local()
+        from hast.sync import Synchronizer
+        self.sync = Synchronizer(self)
+        self.frontend = None
+
+    # -- start-up -----------------------------------------------------------------------
+    def _open_local(self) -> None:
+        path = self.res.local
+        try:
+            fd, self.direct = _io.open_provider(path, writable=True, direct=self.settings.direct)
+        except OSError as exc:
+            log.error(f"Unable to open {path}", err=exc.errno)
+            raise SystemExit(EX_NOINPUT) from None
+        self.fd = fd
+        # Metadata and the bitmap go through a buffered descriptor: their buffers are not
+        # sector aligned, and FreeBSD flushes the cache after them anyway (metaflush).
+        self.mdfd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            _io.lock_exclusive(fd)
+        except OSError as exc:
+            if exc.errno == errno.EOPNOTSUPP:
+                log.warning(f"Unable to lock {path} (operation not supported), but continuing.")
+            else:
+                log.error(f"Unable to lock {path}", err=exc.errno)
+                raise SystemExit(EX_NOINPUT) from None
+        try:
+            self.mediasize, self.sectorsize = _io.provider_info(fd)
+            md = metadata.read(self.mdfd, self.res.name, path)
+        except (OSError, metadata.MetadataError) as exc:
+            log.error(str(exc))
+            raise SystemExit(EX_NOINPUT) from None
+        self.md = md
+        self.datasize = md.datasize
+        self.extentsize = md.extentsize
+        self.keepdirty = md.keepdirty
+        self.localoff = md.localoff
+        self.resuid = md.resuid
+        self.localcnt, self.remotecnt = md.localcnt, md.remotecnt
+        self.amap = ActiveMap(self.datasize, self.extentsize, self.sectorsize, self.keepdirty,
+                              self.maxio)
+        image = os.pread(self.mdfd, self.amap.ondisk_size(), metadata.METADATA_SIZE)
+        self.amap.copyin(image)
+        if self.resuid == 0:
+            # Used for the first time: counters start at zero; the resuid is chosen at the
+            # first handshake so the secondary learns that nothing needs synchronizing.
+            self.localcnt = self.remotecnt = 0
+            self.write_metadata()
+        self.local = LocalDisk(self, fd, self.localoff, LOCAL_THREADS)
+
+    def write_metadata(self) -> None:
+        with self.md_lock:
+            self.md.resuid = self.resuid
+            self.md.localcnt, self.md.remotecnt = self.localcnt, self.remotecnt
+            self.md.prevrole = metadata.ROLE_PRIMARY
+            try:
+                metadata.write(self.mdfd, self.md)
+                _io.flush(self.mdfd)
+            except (OSError, metadata.MetadataError) as exc:
+                log.error(f"Unable to update metadata: {exc}")
+
+    def flush_map(self, update: bool = False) -> None:
+        """Write the bitmap image (and flush the cache with metaflush), as FreeBSD does."""
+        with self.map_lock:
+            image = self.amap.bitmap()
+            if update:
+                self.stats.activemap_update += 1
+            try:
+                _io.pwrite(self.mdfd, image, metadata.METADATA_SIZE)
+            except OSError as exc:
+                self.stats.write_error += 1
+                log.error("Unable to flush activemap to disk", err=exc.errno)
+                return
+            if self.res.metaflush:
+                try:
+                    _io.flush(self.mdfd)
+                except OSError as exc:
+                    if exc.errno == errno.EOPNOTSUPP:
+                        log.warning(f"The {self.res.local} provider doesn't support flushing "
+                                    "write cache. Disabling it.")
+                        self.res.metaflush = False
+                    else:
+                        self.stats.flush_error += 1
+                        log.error("Unable to flush disk cache on activemap update",
+                                  err=exc.errno)
+
+    # -- submission (frontend and sync) ------------------------------------------------
+    def next_seq(self) -> int:
+        with self.lock:
+            self.seq += 1
+            return self.seq
+
+    @property
+    def connected(self) -> bool:
+        conn = self.conn
+        return conn is not None and conn.up
+
+    def submit_read(self, offset: int, length: int, buf: memoryview, done) -> None:
+        self.stats.read += 1
+        hio = HIO(HIO_READ, offset, length, buf, done)
+        hio.countdown = 1
+        self._track(1)
+        if self.syncsrc == SYNCSRC_SECONDARY and self.connected:
+            # the whole local copy is stale while synchronizing from the secondary
+            self.remote_send(hio)
+        else:
+            self.local.submit(hio)
+
+    def submit_write(self, offset: int, length: int, buf: memoryview, done,
+                     fua: bool = False) -> None:
+        self.stats.write += 1
+        hio = HIO(HIO_WRITE, offset, length, buf, done, "fullsync" if fua else self.mode)
+        hio.fua = fua
+        with self.lock:
+            if self.resuid == 0 and self.localcnt == 0:
+                self.localcnt = 1  # first write ever (made persistent at the handshake)
+        hio.lockkey = self.ranges.lock_regular(offset, length)
+        if self.amap.write_start(offset, length):
+            self.flush_map(update=True)
+        self._dispatch_both(hio)
+
+    def submit_delete(self, offset: int, length: int, done) -> None:
+        self.stats.delete += 1
+        hio = HIO(HIO_DELETE, offset, length, None, done)
+        hio.lockkey = self.ranges.lock_regular(offset, length)
+        self._dispatch_both(hio)
+
+    def submit_flush(self, done) -> None:
+        self.stats.flush += 1
+        self._dispatch_both(HIO(HIO_FLUSH, 0, 0, None, done))
+
+    def _dispatch_both(self, hio: HIO) -> None:
+        hio.countdown = 2
+        self._track(1)
+        self.local.submit(hio)
+        self.remote_send(hio)
+
+    def _track(self, delta: int) -> None:
+        with self.lock:
+            self.inflight += delta
+
+    # -- completion ---------------------------------------------------------------------
+    def local_done(self, hio: HIO, err: int) -> None:
+        if err and hio.cmd == HIO_READ and not hio.sync and self.connected:
+            # transparent fallback: the secondary serves what the local disk cannot
+            log.warning(f"Local READ({hio.offset}, {hio.length}) failed, reading from the "
+                        "secondary", err=err)
+            self.stats.read_error += 1
+            hio.errors[LOCAL] = err
+            self.remote_send(hio)
+            return
+        with self.lock:
+            hio.errors[LOCAL] = err
+            hio.local_done = True
+            ack = self._early_ack(hio)
+            hio.countdown -= 1
+            final = hio.countdown == 0
+        if ack:
+            hio.done(0)
+        if final:
+            self._finish(hio)
+
+    def remote_done(self, hio: HIO, err: int, received_only: bool = False) -> None:
+        """A reply (or a failure) for the remote component; ``received_only``: memsync ack."""
+        if err and hio.cmd in (HIO_WRITE, HIO_DELETE) and not hio.sync:
+            self._remote_copy_failed(hio)
+        with self.lock:
+            hio.received = True  # a failed remote no longer holds a memsync ack back
+            if not received_only:
+                hio.errors[REMOTE] = err
+                hio.countdown -= 1
+            ack = self._early_ack(hio)
+            final = not received_only and hio.countdown == 0
+        if ack:
+            hio.done(0)
+        if final:
+            self._finish(hio)
+
+    def _early_ack(self, hio: HIO) -> bool:
+        """memsync/async acknowledgements before the final completion (lock held)."""
+        if hio.acked or hio.cmd != HIO_WRITE or hio.sync:
+            return False
+        local_ok = hio.local_done and hio.errors[LOCAL] == 0
+        if (hio.mode == "async" and local_ok) or (hio.mode == "memsync" and local_ok
+                                                  and hio.received):
+            hio.acked = True
+            return True
+        return False
+
+    def _remote_copy_failed(self, hio: HIO) -> None:
+        """The secondary did not store this write: mark it, and bump the counter if alone."""
+        if self.amap.need_sync(hio.offset, hio.length):
+            self.flush_map()
+        with self.lock:
+            bump = not self.connected and self.localcnt == self.peer_remotecnt
+            if bump:
+                self.localcnt += 1
+        if bump:
+            # the first write acknowledged without the peer: split-brain detection needs it
+            self.write_metadata()
+
+    def _finish(self, hio: HIO) -> None:
+        local_err, remote_err = hio.errors
+        if hio.cmd == HIO_FLUSH and local_err == errno.EOPNOTSUPP:
+            local_err = 0  # no write cache to flush
+        elif hio.cmd == HIO_DELETE and local_err in (errno.EOPNOTSUPP, errno.ENOTTY):
+            local_err = 0  # TRIM is advisory: keeping the data is a valid outcome
+        if local_err == 0 or remote_err == 0:
+            result = 0
+        else:
+            # the local error is what FreeBSD reports, unless only the remote was asked
+            result = local_err if local_err is not None else (remote_err or errno.EIO)
+        if hio.local_done and local_err and not hio.sync:
+            counter = {HIO_READ: "read_error", HIO_WRITE: "write_error",
+                       HIO_DELETE: "delete_error", HIO_FLUSH: "flush_error"}[hio.cmd]
+            setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        if hio.cmd == HIO_WRITE and not hio.sync:
+            if self.amap.write_complete(hio.offset, hio.length):
+                self.flush_map(update=True)
+        if hio.lockkey is not None:
+            self.ranges.unlock_regular(hio.lockkey)
+        if not hio.sync:
+            self._track(-1)
+        if hio.fua and result == 0 and not hio.acked:
+            hio.acked = True
+            self.submit_flush(hio.done)
+            return
+        if not hio.acked:
+            hio.acked = True
+            hio.done(result)
+
+    # -- remote component -----------------------------------------------------------------
+    def remote_send(self, hio: HIO) -> None:
+        conn = self.conn
+        if conn is None or not conn.up:
+            self.remote_done(hio, errno.ENOTCONN)
+            return
+        seq = self.next_seq()
+        msg = nvmod.NV().add_uint8("cmd", hio.cmd).add_uint64("seq", seq)
+        if hio.cmd == HIO_FLUSH:
+            msg.add_uint64("offset", 0).add_uint64("length", 0)
+        else:
+            msg.add_uint64("offset", hio.offset).add_uint64("length", hio.length)
+        payload = None
+        if hio.cmd == HIO_WRITE:
+            if hio.mode == "memsync" and conn.version >= 2 and not hio.sync:
+                msg.add_uint8("memsync", 1)
+            payload = pipeline.encode(msg, hio.buf, self.res.compression, self.res.checksum)
+        with conn.lock:
+            if not conn.up:
+                failed = True
+            else:
+                conn.pending[seq] = hio
+                failed = False
+        if failed:
+            self.remote_done(hio, errno.ENOTCONN)
+            return
+        try:
+            with conn.send_lock:
+                proto.send_frame(conn.out, conn.version, msg, payload)
+                conn.last_send = time.monotonic()
+        except OSError as exc:
+            log.error(f"Unable to send request (seq={seq})", err=exc.errno or errno.EIO)
+            self.disconnect(conn)
+
+    def _receiver(self, conn: Connection) -> None:
+        sock = conn.inn
+        timeout = self.res.timeout
+        waiting_since: float | None = None
+        try:
+            while conn.up:
+                ready, _, _ = select.select([sock], [], [], 1.0)
+                if not ready:
+                    with conn.lock:
+                        busy = bool(conn.pending)
+                    if not busy:
+                        waiting_since = None
+                        continue
+                    now = time.monotonic()
+                    waiting_since = waiting_since or now
+                    if now - waiting_since >= timeout:
+                        raise proto.ProtoError(errno.ETIMEDOUT, "Operation timed out")
+                    continue
+                waiting_since = None
+                _version, msg = proto.recv_frame(sock)
+                self._reply(conn, msg)
+        except (OSError, pipeline.PipelineError, ValueError) as exc:
+            if conn.up and not self.stopping.is_set():
+                text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                log.error(f"Unable to receive reply header: {text}.")
+            self.disconnect(conn)
+
+    def _reply(self, conn: Connection, msg: nvmod.NV) -> None:
+        seq = msg.get_uint64("seq")
+        size = msg.get_uint32("size")
+        with conn.lock:
+            hio = conn.pending.get(seq)
+        if hio is None:
+            if size:
+                if size > self.maxio + 64:
+                    raise proto.ProtoError(errno.EINVAL, f"Reply with absurd size {size}")
+                proto.recv_exact(conn.inn, size)
+            log.debug(2, f"Reply for unknown seq {seq} ignored.")
+            return
+        err = msg.get_int16("error")
+        if hio.cmd == HIO_READ and err == 0:
+            self._read_payload(conn, msg, hio)
+        elif size:
+            proto.recv_exact(conn.inn, pipeline.payload_size(msg, hio.length or 4))
+        if msg.exists("received") and hio.cmd == HIO_WRITE:
+            self.remote_done(hio, 0, received_only=True)
+            return
+        with conn.lock:
+            conn.pending.pop(seq, None)
+        self.remote_done(hio, err)
+
+    def _read_payload(self, conn: Connection, msg: nvmod.NV, hio: HIO) -> None:
+        assert hio.buf is not None
+        size = pipeline.payload_size(msg, hio.length)
+        if (size == hio.length and not msg.exists("compression")
+                and not msg.exists("checksum")):
+            proto.recv_exact_into(conn.inn, hio.buf)  # straight into the frontend's buffer
+            return
+        payload = proto.recv_exact(conn.inn, size)
+        data = memoryview(pipeline.decode(msg, payload, hio.length))
+        if data.nbytes != hio.length:
+            raise pipeline.PipelineError(
+                f"READ reply of {data.nbytes} bytes for {hio.length} requested")
+        hio.buf[:] = data
+
+    def disconnect(self, conn: Connection) -> None:
+        with conn.lock:
+            if not conn.up:
+                return
+            conn.up = False
+            pending = list(conn.pending.values())
+            conn.pending.clear()
+        for sock in (conn.out, conn.inn):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        self.sync.stop()
+        seen: set[int] = set()
+        for hio in pending:
+            if id(hio) in seen:
+                continue
+            seen.add(id(hio))
+            self.remote_done(hio, errno.ENOTCONN)
+        if not self.stopping.is_set():
+            log.warning("Disconnected from the secondary.")
+            self.ctx.emit(EVENT_DISCONNECT)
+
+    def _keepalive(self, conn: Connection) -> None:
+        if time.monotonic() - conn.last_send < HAST_KEEPALIVE:
+            return
+        msg = nvmod.NV().add_uint8("cmd", HIO_KEEPALIVE)
+        try:
+            with conn.send_lock:
+                proto.send_frame(conn.out, conn.version, msg)
+                conn.last_send = time.monotonic()
+        except OSError as exc:
+            log.error("Unable to send keepalive", err=exc.errno or errno.EIO)
+            self.disconnect(conn)
+
+    # -- handshake (init_remote) ----------------------------------------------------------------
+    def connect(self) -> int:
+        """One handshake attempt; 0, EBUSY (peer still primary) or another errno."""
+        res = self.res
+        out = inn = None
+        try:
+            out = proto.connect(res.remote, res.timeout, res.source)
+            out.settimeout(res.timeout)
+            proto.send_frame(out, self.hr_version, nvmod.NV().add_string("resource", res.name)
+                             .add_uint8("version", proto.PROTO_VERSION))
+            _v, reply = proto.recv_frame(out)
+            errmsg = reply.get_string("errmsg")
+            if errmsg is not None:
+                log.warning(errmsg)
+                return errno.EBUSY if reply.exists("wait") else errno.ECONNABORTED
+            version = reply.get_uint8("version") or 1
+            if version > proto.PROTO_VERSION:
+                log.warning(f"Invalid version received ({version}).")
+                return errno.ECONNABORTED
+            token = reply.get_uint8_array("token")
+            if token is None or len(token) != 16:
+                log.warning("Handshake header from remote node has no valid token.")
+                return errno.ECONNABORTED
+            self.hr_version = version
+            inn = proto.connect(res.remote, res.timeout, res.source)
+            inn.settimeout(res.timeout)
+            msg = nvmod.NV().add_string("resource", res.name).add_uint8_array("token", token)
+            if self.resuid == 0:
+                with self.lock:
+                    self.resuid = secrets.randbits(64) or 1
+                self.write_metadata()
+                msg.add_int8("virgin", 1)
+            with self.lock:
+                msg.add_uint64("resuid", self.resuid).add_uint64("localcnt", self.localcnt)
+                msg.add_uint64("remotecnt", self.remotecnt)
+            proto.send_frame(inn, self.hr_version, msg)
+            _v, ans = proto.recv_frame(out)
+            return self._handshake_answer(out, inn, ans)
+        except (OSError, pipeline.PipelineError, ValueError) as exc:
+            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.warning(f"Unable to connect to {res.remote}: {text}.")
+            return getattr(exc, "errno", None) or errno.ECONNABORTED
+        finally:
+            installed = self.conn is not None and self.conn.out is out
+            if not installed:
+                for sock in (out, inn):
+                    if sock is not None:
+                        sock.close()
+
+    def _handshake_answer(self, out: socket.socket, inn: socket.socket,
+                          ans: nvmod.NV) -> int:
+        errmsg = ans.get_string("errmsg")
+        if errmsg is not None:
+            log.error(errmsg)
+            if errmsg == SPLIT_BRAIN:
+                self.ctx.emit(EVENT_SPLITBRAIN)
+            return errno.ECONNABORTED
+        datasize = ans.get_int64("datasize")
+        if datasize != self.datasize:
+            log.error(f"Data size differs between nodes (local={self.datasize}, "
+                      f"remote={datasize}).")
+            return errno.ECONNABORTED
+        extentsize = ans.get_int32("extentsize")
+        if extentsize != self.extentsize:
+            log.error(f"Extent size differs between nodes (local={self.extentsize}, "
+                      f"remote={extentsize}).")
+            return errno.ECONNABORTED
+        with self.lock:
+            self.peer_localcnt = ans.get_uint64("localcnt")
+            self.peer_remotecnt = ans.get_uint64("remotecnt")
+            self.syncsrc = ans.get_uint8("syncsrc")
+            bump = ans.exists("virgin") and self.localcnt == 0
+            if bump:
+                self.localcnt = 1
+        if bump:
+            self.write_metadata()
+        mapsize = ans.get_uint32("mapsize")
+        if mapsize:
+            size = pipeline.payload_size(ans, mapsize)
+            image = pipeline.decode(ans, proto.recv_exact(out, size), mapsize)
+            if memoryview(image).nbytes < self.amap.size():
+                log.error("Activemap received from the secondary is too small.")
+                return errno.ECONNABORTED
+            self.amap.merge(bytes(image))
+            self.flush_map()
+        if self.mode == "memsync" and self.hr_version < 2:
+            log.warning("The 'memsync' replication mode is not supported by the remote node, "
+                        "falling back to 'fullsync' mode.")
+        conn = Connection(out, inn, self.hr_version)
+        self.conn = conn
+        threading.Thread(target=self._receiver, args=(conn,), name="remote_recv",
+                         daemon=True).start()
+        log.info(f"Connected to {self.res.remote}.")
+        self.ctx.emit(EVENT_CONNECT)
+        self.sync.start()
+        return 0
+
+    def effective_mode(self) -> str:
+        conn = self.conn
+        if self.mode == "memsync" and conn is not None and conn.version < 2:
+            return "fullsync"
+        return self.mode
+
+    # -- guard thread: keepalives and reconnects -----------------------------------------------
+    def guard(self) -> None:
+        while not self.stopping.wait(1.0):
+            conn = self.conn
+            if conn is not None and conn.up:
+                self._keepalive(conn)
+                continue
+            if self.res.remote == "none":
+                continue
+            if time.monotonic() - self.last_attempt >= HAST_KEEPALIVE:
+                self.last_attempt = time.monotonic()
+                self.connect()
+
+    # -- control ------------------------------------------------------------------------------
+    def status(self) -> nvmod.NV:
+        out = nvmod.NV()
+        out.add_string("status", "complete" if self.connected else "degraded")
+        out.add_uint32("extentsize", self.extentsize)
+        out.add_uint32("keepdirty", self.keepdirty)
+        out.add_uint64("dirty", self.amap.ndirty() * self.extentsize)
+        for name in ("read", "write", "delete", "flush", "activemap_update", "read_error",
+                     "write_error", "delete_error", "flush_error"):
+            out.add_uint64(f"stat_{name}", getattr(self.stats, name))
+        conn = self.conn
+        recv = len(conn.pending) if conn is not None else 0
+        local = len(self.local)
+        out.add_uint64("local_queue_size", local)
+        out.add_uint64("send_queue_size", 0)
+        out.add_uint64("recv_queue_size", recv)
+        out.add_uint64("done_queue_size", 0)
+        out.add_uint64("idle_queue_size", max(0, HAST_HIO_MAX - self.inflight))
+        return out
+
+    def reload(self, req: nvmod.NV) -> int:
+        if req.get_uint8("cmd") != CONTROL_RELOAD:
+            return errno.EINVAL
+        names = {0: "fullsync", 1: "memsync", 2: "async"}
+        comp = {0: "none", 1: "hole", 2: "lzf"}
+        csum = {0: "none", 1: "crc32", 2: "sha256"}
+        remote = req.get_string("remoteaddr") or self.res.remote
+        source = req.get_string("sourceaddr") or ""
+        reconnect = remote != self.res.remote or source != self.res.source
+        self.res.remote, self.res.source = remote, source
+        self.mode = self.res.replication = names.get(req.get_int32("replication"), self.mode)
+        self.res.compression = comp.get(req.get_int32("compression"), self.res.compression)
+        self.res.checksum = csum.get(req.get_int32("checksum"), self.res.checksum)
+        self.res.timeout = req.get_int32("timeout") or self.res.timeout
+        self.res.exec = req.get_string("exec") or ""
+        self.res.metaflush = bool(req.get_int32("metaflush"))
+        conn = self.conn
+        if reconnect and conn is not None:
+            log.info("Remote address changed, reconnecting.")
+            self.disconnect(conn)
+            self.last_attempt = 0.0
+        elif conn is not None:
+            for sock in (conn.out, conn.inn):
+                sock.settimeout(self.res.timeout)
+        return 0
+
+    # -- life cycle -----------------------------------------------------------------------
+    def start_frontend(self) -> None:
+        if sys.platform.startswith("linux"):
+            from hast.frontends.linux import LinuxFrontend
+            self.frontend = LinuxFrontend(self)
+            self.frontend.start()
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        if self.frontend is not None:
+            self.frontend.stop()
+        self.sync.stop()
+        conn = self.conn
+        if conn is not None:
+            self.disconnect(conn)
+        self.local.stop()
+        self.flush_map()
+
+
+def run(ctx: WorkerContext) -> int:
+    stop = threading.Event()
+
+    def on_signal(signo: int, _frame) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        primary = Primary(ctx)
+    except SystemExit as exc:
+        return int(exc.code or EX_CONFIG)
+    ctx.serve_control(primary.status, primary.reload)
+    try:
+        primary.start_frontend()
+    except OSError as exc:
+        log.error(f"Unable to start the frontend: {exc}")
+        primary.shutdown()
+        return EX_TEMPFAIL
+    if ctx.resource.remote != "none":
+        # the peer may still be primary (a role switch in progress): retry for `timeout` s
+        deadline = time.monotonic() + ctx.resource.timeout
+        while primary.connect() == errno.EBUSY and time.monotonic() < deadline:
+            if stop.wait(1.0):
+                break
+        primary.last_attempt = time.monotonic()
+    threading.Thread(target=primary.guard, name="guard", daemon=True).start()
+    while not stop.wait(1.0):
+        pass
+    primary.shutdown()
+    return 0
