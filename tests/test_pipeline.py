@@ -323,9 +323,10 @@ def _data_strategy() -> st.SearchStrategy[bytes]:
     return st.one_of(st.binary(max_size=9000), text, runs, zeros)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=_data_strategy(), compression=st.sampled_from(pipeline.COMPRESSIONS),
-       checksum=st.sampled_from(pipeline.CHECKSUMS))
+@pytest.mark.parametrize("compression", pipeline.COMPRESSIONS)
+@pytest.mark.parametrize("checksum", pipeline.CHECKSUMS)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=_data_strategy())
 def test_roundtrip(data: bytes, compression: str, checksum: str) -> None:
     msg = NV([("seq", 8, 7)])
     payload = encode(msg, data, compression, checksum)
