@@ -1,6 +1,7 @@
 """hast._io on real files, real O_DIRECT and real block devices (loop devices, 512 and 4K sectors).
 
-Loop devices and mounts need root and util-linux/e2fsprogs; those tests skip otherwise.  Every
+Loop devices and mounts need root and util-linux/e2fsprogs; those tests fail otherwise
+(a missing tool is a failure, not a skip).  Every
 loop device and mount made here is torn down in a finally, also when the test fails.
 """
 
@@ -52,7 +53,8 @@ def direct_dir() -> Iterator[Path]:
             shutil.rmtree(d, ignore_errors=True)
         return
     if not IS_ROOT or not _tool("mkfs.ext4"):
-        pytest.skip("/var/tmp is not a disk filesystem and no ext4 image can be mounted")
+        pytest.fail("/var/tmp is not a disk filesystem and no ext4 image can be mounted "
+                    "(needs root and e2fsprogs)")
     work = Path(tempfile.mkdtemp(prefix="hast-io-"))
     img, mnt = work / "fs.img", work / "mnt"
     mnt.mkdir()
@@ -72,7 +74,7 @@ def direct_dir() -> Iterator[Path]:
 @contextmanager
 def loop_device(backing: Path, size: int, sector_size: int = 512) -> Iterator[str]:
     if not IS_ROOT or not _tool("losetup"):
-        pytest.skip("loop devices need root and losetup")
+        pytest.fail("loop devices need root and losetup (util-linux)")
     with open(backing, "wb") as f:
         f.truncate(size)
     cmd = [_tool("losetup"), "-f", "--show"]
@@ -80,7 +82,7 @@ def loop_device(backing: Path, size: int, sector_size: int = 512) -> Iterator[st
         cmd += ["--sector-size", str(sector_size)]
     res = subprocess.run(cmd + [str(backing)], capture_output=True, text=True)
     if res.returncode != 0:
-        pytest.skip(f"losetup failed: {res.stderr.strip()}")
+        pytest.fail(f"losetup failed: {res.stderr.strip()}")
     dev = res.stdout.strip()
     try:
         yield dev

@@ -13,6 +13,12 @@ for pair in $need; do
 	command -v "$cmd" >/dev/null 2>&1 || PATH="$PATH:/sbin:/usr/sbin" command -v "$cmd" >/dev/null 2>&1 \
 		|| missing="$missing $pkg"
 done
+# shared libraries -> Debian package
+for pair in liblzf.so.1:liblzf1; do
+	lib=${pair%%:*}
+	pkg=${pair#*:}
+	ldconfig -p 2>/dev/null | grep -q "$lib" || missing="$missing $pkg"
+done
 [ -z "$missing" ] && exit 0
 
 if [ "$(id -u)" != 0 ]; then
