@@ -39,7 +39,7 @@ import stat
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from hast import nv
+from hast import _io, nv
 from hast.log import strerror
 
 METADATA_SIZE = 4096
@@ -202,8 +202,6 @@ def open_provider(path: str, write: bool) -> Provider:
 
     Raises ProviderError with FreeBSD's messages; the descriptor is closed on failure.
     """
-    from hast import _io  # the Cython module; imported late so unpack() works without it
-
     try:
         fd = os.open(path, os.O_RDWR if write else os.O_RDONLY)
     except OSError as exc:
@@ -225,8 +223,9 @@ def open_provider(path: str, write: bool) -> Provider:
             raise ProviderError(
                 f"{path} is neither GEOM provider nor regular file.") from None
         except OSError as exc:
-            what = "sectorsize" if getattr(exc, "what", "") == "sectorsize" else "mediasize"
-            raise ProviderError(f"Unable obtain provider {path} {what}", exc.errno) from None
+            # _io does not say which of its two ioctls failed; the first is the likely one.
+            raise ProviderError(f"Unable obtain provider {path} mediasize",
+                                exc.errno) from None
         return Provider(fd, path, mediasize, sectorsize)
     except BaseException:
         os.close(fd)
@@ -234,17 +233,13 @@ def open_provider(path: str, write: bool) -> Provider:
 
 
 def _read_block(fd: int) -> bytes:
-    parts: list[bytes] = []
-    done = 0
-    while done < METADATA_SIZE:
-        chunk = os.pread(fd, METADATA_SIZE - done, done)
-        if not chunk:
-            # FreeBSD reports a short read through whatever errno is left over; EIO is the
-            # honest equivalent (the provider is smaller than the metadata block).
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        parts.append(chunk)
-        done += len(chunk)
-    return b"".join(parts)
+    buf = bytearray(METADATA_SIZE)
+    # _io.pread loops until done and copes with O_DIRECT descriptors (the daemon's).
+    if _io.pread(fd, buf, 0) != METADATA_SIZE:
+        # FreeBSD reports a short read through whatever errno is left over; EIO is the
+        # honest equivalent (the provider is smaller than the metadata block).
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    return bytes(buf)
 
 
 def read_block(fd: int) -> bytes:
@@ -287,24 +282,14 @@ def write(fd: int, md: Metadata) -> None:
     """metadata_write(): one 4096-byte pwrite at offset 0 (MetadataIOError on failure)."""
     block = md.pack()
     try:
-        _write_all(fd, block, 0)
+        _io.pwrite(fd, block, 0)
     except OSError as exc:
         raise MetadataIOError("Unable to write metadata", exc.errno or errno.EIO) from None
 
 
-def _write_all(fd: int, buf: bytes, offset: int) -> None:
-    view = memoryview(buf)
-    done = 0
-    while done < len(buf):
-        n = os.pwrite(fd, view[done:], offset + done)
-        if n == 0:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        done += n
-
-
 def write_zeroed_activemap(fd: int, mapsize: int) -> None:
     """The all-clean bitmap ``hastctl create`` stores right after the metadata block."""
-    _write_all(fd, bytes(mapsize), METADATA_SIZE)
+    _io.pwrite(fd, bytes(mapsize), METADATA_SIZE)
 
 
 def layout(mediasize: int, extentsize: int, sectorsize: int) -> tuple[int, int, int]:

@@ -11,8 +11,11 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -488,3 +491,43 @@ def test_control_request_built_like_freebsd(tmp_path: Path, monkeypatch) -> None
     assert c2 == "status" and list(r2) == [("cmd", 2, 2), ("resource0", 17, "all")]
     assert c3 == "list" and list(r3) == [("cmd", 2, 2), ("resource0", 17, "test"),
                                          ("resource1", 17, "x")]
+
+
+# -- block devices ----------------------------------------------------------------------------
+
+@contextmanager
+def loop_device(backing: Path, size: int, sector_size: int) -> Iterator[str]:
+    """A loop device over a sparse file (needs root and util-linux, like tests/test_io.py)."""
+    losetup = shutil.which("losetup")
+    if os.geteuid() != 0 or losetup is None:
+        pytest.fail("loop devices need root and losetup (util-linux)")
+    with open(backing, "wb") as f:
+        f.truncate(size)
+    res = subprocess.run([losetup, "-f", "--show", "--sector-size", str(sector_size),
+                          str(backing)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.fail(f"losetup failed: {res.stderr.strip()}")
+    dev = res.stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run([losetup, "-d", dev], check=False)
+
+
+def test_create_and_dump_on_a_4k_sector_block_device(tmp_path: Path) -> None:
+    with loop_device(tmp_path / "backing", 64 * MiB, 4096) as dev:
+        node = Node(tmp_path, {"test": Path(dev)})
+        res = node.ctl("create", "-e", "2048", "test")
+        assert (res.rc, res.err) == (
+            65, "[ERROR] [test] Extent size (2048) is less than sector size (4096).\n")
+        res = node.ctl("create", "test")
+        assert (res.rc, res.err) == (0, "")
+        res = node.ctl("dump", "test")
+        assert res.rc == 0, res.err
+        # 32 extents: an 8-byte bitmap rounded up to one 4096-byte sector.
+        assert "    datasize: 67100672 (64MB)\n" in res.out
+        assert "    localoff: 8192\n" in res.out
+        with open(dev, "rb") as f:
+            data = f.read(8192)
+        assert Metadata.unpack(data[:4096], "test").localoff == 8192
+        assert data[4096:] == bytes(4096)
