@@ -2,9 +2,15 @@
 
 This module owns hastctl's interface: argument parsing, usage text, messages and exit codes,
 plus the two sub-commands that work on the local disk without hastd, ``create`` and ``dump``.
-``role``, ``list`` and ``status`` are validated here and handed to _control_request(), which
-talks to hastd over its control socket.  Scripts written for FreeBSD's hastctl parse its output
-and test its exit status, so both follow FreeBSD byte for byte:
+``role``, ``list`` and ``status`` are validated here, their request nv is built as FreeBSD
+builds it (``cmd``, ``role``, ``resource<N>``) and handed to _control_request(), which connects
+to hastd's control socket (exit 71 with FreeBSD's message when nobody listens).  The exchange
+over that connection and the rendering of the replies come with the hastd implementation: until
+then _control_exchange() reports ``Unable to send command to hastd via <addr>: Function not
+implemented.`` and exits 69 rather than pretending success.
+
+Scripts written for FreeBSD's hastctl parse its output and test its exit status, so both follow
+FreeBSD byte for byte:
 
 * The sub-command comes first, options after it, parsed with BSD getopt semantics (stop at the
   first non-option word, ``--`` ends the options, ``illegal option -- x`` /
