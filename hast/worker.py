@@ -151,7 +151,10 @@ def spawn(config: Config, resource: Resource, role: str, debug: int = 0,
         "handshake": handshake.pack().hex() if handshake is not None else None,
         "version": version,
     }
-    env = dict(os.environ, **{_SPEC_ENV: json.dumps(spec)})
+    # the worker imports hast from wherever the parent did (hastd may have chdir'ed to /)
+    pkgroot = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pythonpath = os.pathsep.join(p for p in (pkgroot, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, **{_SPEC_ENV: json.dumps(spec), "PYTHONPATH": pythonpath})
     try:
         process = subprocess.Popen(
             [title(resource.name, role), "-m", "hast.worker"], executable=sys.executable,
