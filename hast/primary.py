@@ -742,9 +742,14 @@ class Primary:
             self.frontend.start()
 
     def shutdown(self) -> None:
-        self.stopping.set()
         if self.frontend is not None:
-            self.frontend.stop()
+            self.frontend.stop()  # no new requests from here on
+        # Let what is in flight finish on both nodes (async and memsync writes already
+        # acknowledged are still travelling) before the connection goes.
+        deadline = time.monotonic() + self.res.timeout
+        while self.inflight > 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.stopping.set()
         self.sync.stop()
         conn = self.conn
         if conn is not None:
