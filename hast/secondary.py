@@ -390,8 +390,12 @@ class Secondary:
             log.warning(f"Unable to lock {path} (operation not supported), but continuing.")
         try:
             self.mediasize, self.sectorsize = _io.provider_info(self.fd)
+        except _io.NotAProvider:
+            raise _Fatal(EX_NOINPUT, f"{path} is neither GEOM provider nor regular file.") \
+                from None
         except OSError as exc:
-            raise _Fatal(EX_NOINPUT, f"Unable to obtain provider {path} mediasize",
+            # FreeBSD's text, missing "to" included (scripts may match it).
+            raise _Fatal(EX_NOINPUT, f"Unable obtain provider {path} mediasize",
                          log.exc_errno(exc)) from None
         block = _io.AlignedBuffer(METADATA_SIZE)
         try:

@@ -842,6 +842,27 @@ def test_provider_locked_by_another_process(tmp_path: Path,
     assert is_closed(sess.conn1)
 
 
+@pytest.mark.parametrize("kind", ["missing", "fifo", "blank"])
+def test_unusable_provider(kind: str, tmp_path: Path, session: Callable[..., Session],
+                           capfd: pytest.CaptureFixture[str]) -> None:
+    prov = tmp_path / "prov.img"
+    if kind == "fifo":
+        os.mkfifo(prov)
+    elif kind == "blank":
+        with open(prov, "wb") as f:    # never initialised: no metadata at all
+            f.truncate(MEDIASIZE)
+    sess = session(prov)
+    sess.handshake_nv(RESUID, 0, 0)
+    assert sess.wait() == EX_NOINPUT
+    assert is_closed(sess.conn1)
+    expected = {
+        "missing": f"Unable to open {prov}: No such file or directory.",
+        "fifo": f"{prov} is neither GEOM provider nor regular file.",
+        "blank": f"Unable to read metadata from {prov}: No such file or directory.",
+    }[kind]
+    assert f"[ERROR] [test] (secondary) {expected}" in capfd.readouterr().err
+
+
 def test_wrong_resource_metadata(tmp_path: Path, session: Callable[..., Session],
                                  capfd: pytest.CaptureFixture[str]) -> None:
     prov = adopted(tmp_path)
