@@ -114,11 +114,16 @@ def _descriptors() -> None:
         os.closerange(3, maxfd)
         return
     os.closerange(0, maxfd)
-    # open() returns the lowest free descriptor: 0, then 1; 2 is a dup of 1.
-    os.open(os.devnull, os.O_RDONLY)
+    # open() returns the lowest free descriptor: 0, then 1; 2 is a dup of 1.  Python opens
+    # everything close-on-exec, so the three must be made inheritable explicitly.
+    fd = os.open(os.devnull, os.O_RDONLY)
+    if fd != 0:
+        os.dup2(fd, 0)
+    os.set_inheritable(0, True)
     fd = os.open(os.devnull, os.O_WRONLY)
     if fd != 1:
         os.dup2(fd, 1)
+    os.set_inheritable(1, True)
     os.dup2(1, 2)
 
 
