@@ -2,12 +2,9 @@
 
 This module owns hastctl's interface: argument parsing, usage text, messages and exit codes,
 plus the two sub-commands that work on the local disk without hastd, ``create`` and ``dump``.
-``role``, ``list`` and ``status`` are validated here, their request nv is built as FreeBSD
-builds it (``cmd``, ``role``, ``resource<N>``) and handed to _control_request(), which connects
-to hastd's control socket (exit 71 with FreeBSD's message when nobody listens).  The exchange
-over that connection and the rendering of the replies come with the hastd implementation: until
-then _control_exchange() reports ``Unable to send command to hastd via <addr>: Function not
-implemented.`` and exits 69 rather than pretending success.
+``role``, ``list`` and ``status`` are validated here and sent to hastd by hast.control (the
+control protocol and the rendering of its replies, shared with the daemon side); ``list`` and
+``status`` also take py-hast's ``--json``.
 
 Scripts written for FreeBSD's hastctl parse its output and test its exit status, so both follow
 FreeBSD byte for byte:
@@ -45,13 +42,11 @@ Decisions where py-hast deviates from FreeBSD (docs/decisions.md):
 
 from __future__ import annotations
 
-import errno
 import os
-import socket
 import sys
 from collections.abc import Iterator, Sequence
 
-from hast import config, log, metadata, nv
+from hast import config, log, metadata
 from hast.config import Config, ConfigError
 from hast.metadata import MetadataError
 from hast.subr import expand_number, humanize
@@ -60,16 +55,11 @@ from hast.sysexits import (
     EX_IOERR,
     EX_NOINPUT,
     EX_OK,
-    EX_OSERR,
     EX_TEMPFAIL,
-    EX_UNAVAILABLE,
     EX_USAGE,
 )
 
 # hast.h: control commands and the role numbers sent to hastd.
-HASTCTL_CMD_SETROLE = 1
-HASTCTL_CMD_STATUS = 2
-ROLE_NUMBERS = {"init": 1, "primary": 2, "secondary": 3}
 HAST_TIMEOUT = 20
 
 _INT_MAX = 2**31 - 1
@@ -199,6 +189,11 @@ def _main(argv: list[str], prog: str) -> int:
     if not argv or argv[0] not in _OPTSTRINGS:
         raise _usage(prog)
     cmd = argv[0]
+    json_out = False
+    if cmd in ("list", "status") and "--json" in argv[1:]:
+        # py-hast extension: machine-readable output; FreeBSD's getopt never sees it
+        json_out = True
+        argv = [a for a in argv if a != "--json"]
     cfgpath: str | None = None
     debug = 0
     mediasize = extentsize = keepdirty = 0
@@ -226,19 +221,16 @@ def _main(argv: list[str], prog: str) -> int:
         return _create(cfg, names, mediasize, extentsize, keepdirty)
     if cmd == "dump":
         return _dump(cfg, names)
+    from hast import control
+
     if cmd == "role":
-        if len(names) < 2 or names[0] not in ROLE_NUMBERS:
+        if len(names) < 2 or names[0] not in control.ROLE_NUMBERS:
             raise _usage(prog)
-        request = nv.NV().add_uint8("cmd", HASTCTL_CMD_SETROLE)
-        request.add_uint8("role", ROLE_NUMBERS[names[0]])
-        for ii, name in enumerate(names[1:]):
-            request.add_string(f"resource{ii}", name)
-        return _control_request(cfg, cmd, request)
+        return control.client_role(cfg, names[0], names[1:], debug)
     # list, status: no names means all; "all" rules are applied by hastd.
-    request = nv.NV().add_uint8("cmd", HASTCTL_CMD_STATUS)
-    for ii, name in enumerate(names or ["all"]):
-        request.add_string(f"resource{ii}", name)
-    return _control_request(cfg, cmd, request)
+    if cmd == "list":
+        return control.client_list(cfg, names, json_out)
+    return control.client_status(cfg, names, json_out)
 
 
 def _load_config(cfgpath: str | None) -> Config:
@@ -414,46 +406,6 @@ def _dump_one(name: str, path: str) -> int:
     )
     sys.stdout.flush()
     return EX_OK
-
-
-# -- role, list, status: requests to hastd ------------------------------------------------------
-
-def _control_request(cfg: Config, command: str, request: nv.NV) -> int:
-    """Send ``request`` to hastd over the control socket and render its reply for ``command``.
-
-    Connection failures are FreeBSD's: ``Unable to setup control connection to <addr>`` when
-    the address cannot be used, ``Unable to connect to hastd via <addr>`` when nobody answers
-    (exit 71); the address is printed as configured.
-    """
-    from hast import proto
-
-    addr = cfg.control
-    if not proto.is_uds(addr):
-        try:
-            proto.resolve_tcp(addr)
-        except Exception as exc:  # any parse or lookup failure is a setup failure
-            err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
-            log.error(f"Unable to setup control connection to {addr}", err)
-            return EX_OSERR
-    try:
-        sock = proto.connect(addr, HAST_TIMEOUT)
-    except OSError as exc:
-        log.error(f"Unable to connect to hastd via {addr}", log.exc_errno(exc))
-        return EX_OSERR
-    with sock:
-        return _control_exchange(sock, addr, command, request)
-
-
-def _control_exchange(sock: socket.socket, addr: str, command: str, request: nv.NV) -> int:
-    """One request/reply over a connected control socket.
-
-    The control protocol and the rendering of role/list/status replies belong to the hastd
-    implementation; until it exists the request is reported as not sent (exit 69), which is
-    what a script would see from a hastd that does not speak the protocol.
-    """
-    del sock, command, request
-    log.error(f"Unable to send command to hastd via {addr}", errno.ENOSYS)
-    return EX_UNAVAILABLE
 
 
 if __name__ == "__main__":

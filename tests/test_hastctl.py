@@ -14,6 +14,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -477,20 +478,38 @@ def test_control_stale_socket_is_connection_refused(tmp_path: Path) -> None:
 
 
 def test_control_request_built_like_freebsd(tmp_path: Path, monkeypatch) -> None:
-    sent = []
-    monkeypatch.setattr(ctl, "_control_request",
-                        lambda cfg, command, request: sent.append((command, request)) or 0)
+    """The bytes hastctl sends over a real control socket, answered by a scripted peer."""
+    from hast import nv as nvmod
+    from hast import proto
+
+    sent: list[nvmod.NV] = []
     node = Node(tmp_path)
+    server = proto.listen(str(node.control))
+
+    def answer() -> None:
+        for _ in range(3):
+            conn, _ = server.accept()
+            with conn:
+                _version, msg = proto.recv_frame(conn, proto.MAX_NV_CONTROL)
+                sent.append(msg)
+                proto.send_frame(conn, 2, nvmod.NV().add_string("resource0", "test")
+                                 .add_int16("error0", 1))
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
     monkeypatch.setenv("HAST_NODE_NAME", "hasta")
-    assert ctl.main(["role", "-c", str(node.conf), "primary", "test", "all"]) == 0
-    assert ctl.main(["status", "-c", str(node.conf)]) == 0
-    assert ctl.main(["list", "-c", str(node.conf), "test", "x"]) == 0
-    (c1, r1), (c2, r2), (c3, r3) = sent
-    assert c1 == "role" and list(r1) == [("cmd", 2, 1), ("role", 2, 2),
-                                         ("resource0", 17, "test"), ("resource1", 17, "all")]
-    assert c2 == "status" and list(r2) == [("cmd", 2, 2), ("resource0", 17, "all")]
-    assert c3 == "list" and list(r3) == [("cmd", 2, 2), ("resource0", 17, "test"),
-                                         ("resource1", 17, "x")]
+    try:
+        assert ctl.main(["role", "-c", str(node.conf), "primary", "test", "all"]) == 1
+        assert ctl.main(["status", "-c", str(node.conf)]) == 1
+        assert ctl.main(["list", "-c", str(node.conf), "test", "x"]) == 1
+        thread.join(10)
+    finally:
+        server.close()
+    r1, r2, r3 = sent
+    assert list(r1) == [("cmd", 2, 1), ("role", 2, 2), ("resource0", 17, "test"),
+                        ("resource1", 17, "all")]
+    assert list(r2) == [("cmd", 2, 2), ("resource0", 17, "all")]
+    assert list(r3) == [("cmd", 2, 2), ("resource0", 17, "test"), ("resource1", 17, "x")]
 
 
 # -- block devices ----------------------------------------------------------------------------
