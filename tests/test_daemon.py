@@ -606,23 +606,36 @@ def test_role_init_refuses(node: HastNode) -> None:
                      r"as secondary as requested by tcp://127\.0\.0\.1:\d+\.", node.log())
 
 
-@pytest.mark.skipif(importlib.util.find_spec("hast.primary") is None,
-                    reason="needs a primary worker that stays up (hast/primary.py)")
-def test_role_primary_refuses_with_wait(node: HastNode) -> None:
+needs_primary = pytest.mark.skipif(
+    importlib.util.find_spec("hast.primary") is None,
+    reason="needs a primary worker that stays up (hast/primary.py)")
+
+
+def start_primary(node: HastNode, *args: str) -> tuple[str, int]:
+    """A resource in role primary with a live worker: (resource name, worker pid).
+
+    The provider is created with hastctl; the peer is a closed port, so the worker runs
+    degraded and stays up.  Skips the test when the worker cannot run here (no frontend).
+    """
     # A primary's device name is global (/dev/hast/<name>): keep clear of other tests.
-    name = f"wait{os.getpid()}"
-    # The peer this primary would talk to is nowhere: it keeps running degraded.
-    node.write_conf({name: {"remote": f"tcp4://127.0.0.1:{free_port()}"}})
+    name = f"p{os.getpid()}"
+    node.write_conf({name: {"remote": f"tcp4://127.0.0.1:{free_port()}", "timeout": "5"}})
     with open(node.root / f"{name}.img", "wb") as f:
         f.truncate(64 * 1024 * 1024)
     subprocess.run([sys.executable, "-m", "hast.ctl", "create", "-c", str(node.conf), name],
-                   cwd=REPO, env=daemon_env(), check=True, timeout=60)
-    node.start()
+                   cwd=REPO, env=daemon_env(), check=True, timeout=60, capture_output=True)
+    node.start(*args)
     node.role("primary", name)
-    status = poll(lambda: (s := node.status(name)) and (s["workerpid"] or s["role"] == "init")
+    status = poll(lambda: (s := node.status(name)) and ("status" in s or s["role"] == "init")
                   and s, "primary worker")
     if status["role"] != "primary":
         pytest.skip("the primary worker cannot run in this environment")
+    return name, int(status["workerpid"])
+
+
+@needs_primary
+def test_role_primary_refuses_with_wait(node: HastNode) -> None:
+    name, _pid = start_primary(node)
     sock, fv, reply = step1(node, resource=name)
     with sock:
         assert fv == 2
@@ -630,6 +643,67 @@ def test_role_primary_refuses_with_wait(node: HastNode) -> None:
             "Remote node acts as primary for the resource and not as secondary.")
         assert reply.get_uint8("wait") == 1
         assert_closed(sock)
+
+
+@needs_primary
+def test_primary_status_comes_from_its_worker(node: HastNode) -> None:
+    name, pid = start_primary(node)
+    status = node.status(name)
+    assert (status["role"], status["status"], status["workerpid"]) == ("primary", "degraded", pid)
+    assert (status["extentsize"], status["keepdirty"]) == (2097152, 64)
+    reply = node.request(nv.NV().add_uint8("cmd", 2).add_string("resource0", name))
+    fields = [(n[:-1], nv.TYPE_NAMES[t]) for n, t, _v in reply]
+    worker_fields = fields[fields.index(("workerpid", "int32")) + 1:]
+    assert worker_fields == [
+        ("status", "string"), ("dirty", "uint64"), ("extentsize", "uint32"),
+        ("keepdirty", "uint32")] + [(f, "uint64") for f in (
+            "stat_read", "stat_write", "stat_delete", "stat_flush", "stat_activemap_update",
+            "stat_read_error", "stat_write_error", "stat_delete_error", "stat_flush_error",
+            "idle_queue_size", "local_queue_size", "send_queue_size", "recv_queue_size",
+            "done_queue_size")]
+
+
+@needs_primary
+def test_primary_worker_killed_by_a_signal_is_restarted(node: HastNode) -> None:
+    name, pid = start_primary(node)
+    os.kill(pid, signal.SIGKILL)
+    node.wait_log(rf"\[ERROR\] \[{name}\] \(primary\) Worker process killed "
+                  rf"\(pid={pid}, signal=9\)\.")
+    node.wait_log(rf"\[INFO\] \[{name}\] \(primary\) Restarting worker process\.")
+    status = poll(lambda: (s := node.status(name)) and s["workerpid"] not in (0, pid) and s,
+                  "restarted worker")
+    assert status["role"] == "primary"
+
+
+@needs_primary
+def test_primary_role_change_stops_the_worker(node: HastNode) -> None:
+    name, pid = start_primary(node, "-d")
+    assert node.role("init", name).get_string("role0") == "primary"
+    # The reply comes only after the worker is gone.
+    assert f"[DEBUG][1] [{name}] (init) Worker process {pid} stopped." in node.log()
+    assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
+    assert node.status(name)["workerpid"] == 0
+
+
+@needs_primary
+def test_primary_takes_tunables_live(node: HastNode) -> None:
+    name, pid = start_primary(node)
+    conf = node.conf.read_text()
+    node.conf.write_text(conf.replace("timeout 5", "timeout 9"))
+    node.reload()
+    log_text = node.log()
+    assert f"[INFO] Resource {name} configuration was modified, reloading it." in log_text
+    assert "Reload failed" not in log_text and "reload message" not in log_text
+    assert node.status(name)["workerpid"] == pid
+
+
+@needs_primary
+def test_termination_stops_the_primary_worker(node: HastNode) -> None:
+    name, pid = start_primary(node)
+    assert node.stop() == 0
+    assert (f"[INFO] Terminating worker process (resource={name}, role=primary, pid={pid})."
+            in node.log())
+    assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
 
 
 def test_unknown_client_is_closed_silently(node: HastNode) -> None:
