@@ -62,6 +62,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,7 +77,7 @@ HAST_TOKEN_SIZE = 16
 REPORT_INTERVAL = 5         # main-loop tick: check long-running hooks
 RESTART_DELAY = 1.0         # before restarting a primary worker that died
 STOP_TIMEOUT = 30.0         # py-hast: wait this long for a stopping worker, then SIGKILL
-MAX_PENDING = 128           # py-hast: connections waiting for their first frame
+MAX_PENDING = 128           # py-hast: connections of a kind waiting for their first frame
 _MAXPATHLEN = 1024
 _OPTSTRING = "c:dFhP:"
 _USAGE = "[-dFh] [-c config] [-P pidfile]"
@@ -164,6 +165,8 @@ class PidFile:
 
     def __init__(self, path: str, fd: int) -> None:
         self.path = path
+        # Removal happens after daemon() moved to /: remember where a relative path pointed.
+        self._abspath = os.path.abspath(path)
         self.fd = fd
 
     @classmethod
@@ -187,7 +190,7 @@ class PidFile:
 
     def remove(self) -> None:
         try:
-            os.unlink(self.path)
+            os.unlink(self._abspath)
         except OSError:
             pass
         self.close()
@@ -334,6 +337,14 @@ def _close_listener(sock: socket.socket, addr: str) -> None:
             pass
 
 
+def may_access(conn: socket.socket, remote: str) -> bool:
+    """proto_address_match(); an address that does not even parse matches nobody."""
+    try:
+        return proto.address_matches(conn, remote)
+    except (OSError, ValueError):
+        return False
+
+
 def _exit_text(pid: int, returncode: int) -> tuple[bool, str]:
     """child_exit_log() with a Popen-style returncode (negative = killed by that signal)."""
     if returncode == 0:
@@ -468,10 +479,27 @@ class Daemon:
                 # An earlier handler may have closed or replaced this descriptor.
                 if self.sel.get_map().get(key.fd) is not key:
                     continue
-                self._dispatch(key)
+                try:
+                    self._dispatch(key)
+                except Exception as exc:  # see _internal_error()
+                    self._internal_error(key, exc)
             self._expire_pending(time.monotonic())
             self._run_restarts(time.monotonic())
         return EX_OK
+
+    def _internal_error(self, key: selectors.SelectorKey, exc: Exception) -> None:
+        """A bug met while serving one descriptor costs that descriptor, not the daemon.
+
+        FreeBSD would abort; an HA storage daemon whose workers keep serving I/O is better
+        off dropping the one connection and going on.  The traceback goes to debug level 1.
+        """
+        log.set_prefix("")
+        kind, data = key.data
+        log.crit(f"Internal error while handling a {kind} descriptor: {exc!r}.")
+        for line in traceback.format_exc().rstrip().splitlines():
+            log.debug(1, line)
+        if kind == "pending":
+            self._drop_pending(data)
 
     def _deadlines(self) -> list[float]:
         dues = [p.deadline for p in self.pending.values()]
@@ -519,8 +547,10 @@ class Daemon:
 
     def _add_pending(self, pending: Pending) -> None:
         assert self.sel is not None
-        if len(self.pending) >= MAX_PENDING:
-            oldest = min(self.pending.values(), key=lambda p: p.deadline)
+        same = [p for p in self.pending.values() if p.kind == pending.kind]
+        if len(same) >= MAX_PENDING:
+            # Per kind, so that a flood of peers cannot crowd out hastctl (or vice versa).
+            oldest = min(same, key=lambda p: p.deadline)
             log.warning(f"Too many connections waiting for a header, dropping "
                         f"{oldest.raddr or oldest.kind + ' connection'}.")
             self._drop_pending(oldest)
@@ -579,8 +609,7 @@ class Daemon:
         laddr, raddr = local_text(conn), remote_text(conn)
         log.info(f"Connection from {raddr} to {laddr}.")
         # Before reading a byte: may this host talk to us about any resource at all?
-        if not any(proto.address_matches(conn, rs.res.remote)
-                   for rs in self.resources.values()):
+        if not any(may_access(conn, rs.res.remote) for rs in self.resources.values()):
             log.error(f"Client {raddr} isn't known.")
             conn.close()
             return
@@ -621,7 +650,7 @@ class Daemon:
             self._send_error(conn, raddr, "Resource not configured.")
             return
         log.set_prefix(f"[{rs.name}] ({rs.role}) ")
-        if not proto.address_matches(conn, rs.res.remote):
+        if not may_access(conn, rs.res.remote):
             log.error(f"Client {raddr} has no access to the resource.")
             self._send_error(conn, raddr, "No access to the resource.")
             return

@@ -727,6 +727,19 @@ def test_client_without_access_to_this_resource(node: HastNode) -> None:
                      r"access to the resource\.", node.log())
 
 
+def test_unparsable_remote_matches_nobody(node: HastNode) -> None:
+    # hast.conf does not check addresses; hastd meets them only when a peer connects.
+    node.write_conf({"odd": {"remote": "tcp6://[::1]"}, "test": {}})
+    node.start()
+    node.role("secondary", "odd", "test")
+    sock, _, reply = step1(node, resource="odd")
+    with sock:
+        assert reply.get_string("errmsg") == "No access to the resource."
+    sock, _, reply = step1(node)
+    with sock:
+        assert len(reply.get_uint8_array("token")) == 16
+
+
 def test_header_without_resource_is_closed(node: HastNode) -> None:
     node.start()
     sock = peer_connect(node)
