@@ -62,9 +62,6 @@ HAST_HIO_MAX = 256
 SPLIT_BRAIN = "Split-brain condition!"
 LOCAL_THREADS = 4
 
-# NBD commands and flags (the frontend contract, hast.frontends.nbd)
-NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_FLUSH, NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES = 0, 1, 3, 4, 6
-NBD_FLAG_FUA = 1
 
 
 class HIO:

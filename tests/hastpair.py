@@ -114,8 +114,11 @@ class HastPair:
             except ProcessLookupError:
                 pass
 
-    def role(self, name: str, role: str) -> None:
+    def role(self, name: str, role: str, wait: bool = True) -> None:
         self.ctl(name, "role", role, self.resource, check=True)
+        if role == "primary" and wait:
+            # like /dev/hast/<name> on FreeBSD, the export appears once the worker runs
+            self.wait(f"the NBD export of {name}", self.socket(name).exists)
 
     def list_fields(self, name: str) -> dict[str, str]:
         out = self.ctl(name, "list", self.resource).stdout

@@ -63,7 +63,7 @@ class PrimaryBackend:
             p.submit_read(req.offset, req.length, req.buf, req.complete)
         elif cmd == nbd.CMD_WRITE:
             p.submit_write(req.offset, req.length, req.buf, req.complete,
-                           fua=bool(req.flags & nbd.FLAG_FUA))
+                           fua=bool(req.flags & nbd.CMD_FLAG_FUA))
         elif cmd == nbd.CMD_FLUSH:
             p.submit_flush(req.complete)
         elif cmd == nbd.CMD_TRIM:
@@ -73,7 +73,7 @@ class PrimaryBackend:
             step = self.max_request
             starts = range(req.offset, req.offset + req.length, step)
             join = _Join(len(starts), req.complete)
-            fua = bool(req.flags & nbd.FLAG_FUA)
+            fua = bool(req.flags & nbd.CMD_FLAG_FUA)
             for start in starts:
                 length = min(step, req.offset + req.length - start)
                 p.submit_write(start, length, self._zeros[:length], join.part, fua=fua)
