@@ -173,3 +173,35 @@ def test_modes_compression_checksum(tmp_path: Path, mode: str, compression: str,
         assert_identical(pair)
     finally:
         pair.close()
+
+
+def test_filesystem_on_dev_hast_survives_a_role_switch(tmp_path: Path) -> None:
+    devdir = tmp_path / "dev"
+    pair = HastPair(tmp_path / "pair", devdir=str(devdir))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    dev = devdir / pair.resource
+    try:
+        bring_up(pair)
+        pair.wait("/dev/hast/test on hasta", dev.exists)
+        assert Path(os.path.realpath(dev)).name.startswith("loop")
+        subprocess.run([tool("mkfs.ext4"), "-q", "-F", str(dev)], check=True)
+        subprocess.run(["mount", str(dev), str(mnt)], check=True)
+        files = {f"f{i}": os.urandom(300_000 + i * 4096) for i in range(6)}
+        for name, data in files.items():
+            (mnt / name).write_bytes(data)
+        subprocess.run(["umount", str(mnt)], check=True)
+        # Handbook role switch: demote the primary first, then promote the other node
+        pair.role("hasta", "secondary")
+        pair.wait("/dev/hast/test gone with the demotion", lambda: not dev.exists())
+        pair.role("hastb", "primary")
+        pair.wait("/dev/hast/test on hastb", dev.exists)
+        pair.wait_complete("hastb")
+        subprocess.run(["mount", str(dev), str(mnt)], check=True)
+        for name, data in files.items():
+            assert (mnt / name).read_bytes() == data, name
+        subprocess.run(["umount", str(mnt)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        pair.close()
+    assert not dev.exists()

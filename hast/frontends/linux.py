@@ -104,18 +104,22 @@ class LinuxFrontend:
                  + (f" and tcp://{tcp}" if tcp else "") + ".")
         if settings.devdir != "none":
             from hast.frontends import devnode
+            workdir = os.path.join(settings.sockdir, f"{p.res.name}.devnode")
+            os.makedirs(workdir, mode=0o700, exist_ok=True)
             try:
-                self.devnode = devnode.attach(name, sockpath, settings.devdir)
-            except OSError as exc:
+                self.devnode = devnode.attach(name, sockpath, workdir, devdir=settings.devdir,
+                                              sector_size=p.sectorsize)
+            except (OSError, devnode.DevNodeError) as exc:
                 log.error(f"Unable to create {settings.devdir}/{name}: {exc}")
-                raise
+                raise OSError(f"{settings.devdir}/{name}: {exc}") from exc
 
     def stop(self) -> None:
         if self.devnode is not None:
+            from hast.frontends import devnode
             try:
                 self.devnode.detach()
-            except OSError as exc:
-                log.error(f"Unable to remove /dev/hast/{self.primary.res.provname}: {exc}")
+            except (OSError, devnode.DevNodeError) as exc:
+                log.error(f"Unable to remove {self.devnode!r}: {exc}")
             self.devnode = None
         if self.server is not None:
             self.server.stop()
