@@ -4,7 +4,9 @@
 set -eu
 
 # command -> Debian package
-need="losetup:util-linux mkfs.ext4:e2fsprogs"
+need="losetup:util-linux nsenter:util-linux mkfs.ext4:e2fsprogs ip:iproute2
+qemu-io:qemu-utils qemu-img:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin
+fusermount3:fuse3 fio:fio nbdkit:nbdkit"
 
 missing=""
 for pair in $need; do
