@@ -19,6 +19,10 @@ extensions = [
               extra_compile_args=cflags)
     for name in ("_bitmap", "_io", "_codec")
 ]
+if sys.platform.startswith("freebsd"):
+    # GEOM Gate frontend (/dev/hast/<name>); its ABI header is hast/ggate.h.
+    extensions.append(Extension("hast._ggate", ["hast/_ggate.pyx"], include_dirs=["hast"],
+                                depends=["hast/ggate.h"], extra_compile_args=cflags))
 
 setup(
     ext_modules=cythonize(
