@@ -60,7 +60,7 @@ class NV:
     def add(self, name: str, nvtype: int, value: object) -> NV:
         if nvtype not in TYPE_NAMES:
             raise NVError(f"invalid nv type {nvtype}")
-        if not 1 <= len(name.encode()) <= MAX_NAME or "\0" in name:
+        if not 1 <= len(_utf8(name)) <= MAX_NAME or "\0" in name:
             raise NVError(f"invalid nv name {name!r}")
         self._items.append((name, nvtype, value))
         return self
@@ -175,7 +175,7 @@ class NV:
     def pack(self) -> bytes:
         parts: list[bytes] = []
         for name, nvtype, value in self._items:
-            bname = name.encode() + b"\0"
+            bname = _utf8(name) + b"\0"
             data = _encode_value(nvtype, value)
             parts.append(_HDR.pack(nvtype, len(bname), len(data)))
             parts.append(bname.ljust(_pad8(len(bname)), b"\0"))
@@ -187,10 +187,16 @@ class NV:
         return cls(_decode(memoryview(buf).cast("B")))
 
 
+def _utf8(text: str) -> bytes:
+    """The bytes a decoded name or string came from: the decoder maps bytes that are not
+    UTF-8 to lone surrogates (surrogateescape), so whatever we received we can send back."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def _encode_value(nvtype: int, value: object) -> bytes:
     if nvtype == STRING:
         assert isinstance(value, str)
-        raw = value.encode()
+        raw = _utf8(value)
         if b"\0" in raw:
             raise NVError("nv string with an embedded NUL")
         return raw + b"\0"
