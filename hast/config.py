@@ -336,7 +336,11 @@ _LONG_MAX = 2**63 - 1
 
 
 def _atoi(digits: str) -> int:
-    value = min(int(digits), _LONG_MAX) & 0xFFFFFFFF
+    # More significant digits than LONG_MAX has clamp without int(), which refuses strings
+    # of over 4300 digits (sys.get_int_max_str_digits()).
+    significant = digits.lstrip("0")
+    value = _LONG_MAX if len(significant) > 19 else min(int(significant or "0"), _LONG_MAX)
+    value &= 0xFFFFFFFF
     return value - 2**32 if value > _INT_MAX else value
 
 
