@@ -43,7 +43,7 @@ TEST_WRKSRC=	${WRKSRC}/tests
 #    also breaks rc.subr's command_interpreter process matching.
 # The RECORD lines of a script look like "../../../bin/hastd,sha256=...,N".
 SBIN_SCRIPTS=	hastctl hastd
-DISTINFO_DIR=	${STAGEDIR}${PYTHONPREFIX_SITELIBDIR}/${PORTNAME}-${DISTVERSION}.dist-info
+WHEEL_DISTINFO=	${STAGEDIR}${PYTHONPREFIX_SITELIBDIR}/${PORTNAME}-${DISTVERSION}.dist-info
 PEP517_INSTALL_CMD=	${PYTHON_CMD} -m installer --destdir ${STAGEDIR} \
 			--prefix ${PREFIX} \
 			${BUILD_WRKSRC}/dist/${PORTNAME}-${DISTVERSION}*.whl && \
@@ -53,8 +53,8 @@ PEP517_INSTALL_CMD=	${PYTHON_CMD} -m installer --destdir ${STAGEDIR} \
 				    ${STAGEDIR}${PREFIX}/sbin/$$s && \
 				${REINPLACE_CMD} \
 				    -e "s|^\.\./\.\./\.\./bin/$$s,|../../../sbin/$$s,|" \
-				    ${DISTINFO_DIR}/RECORD && \
-				${RM} ${DISTINFO_DIR}/RECORD.bak || exit 1; \
+				    ${WHEEL_DISTINFO}/RECORD && \
+				${RM} ${WHEEL_DISTINFO}/RECORD.bak || exit 1; \
 			done
 
 post-install:
