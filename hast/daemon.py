@@ -33,21 +33,31 @@ Deviations from FreeBSD, deliberate (README lists them):
 * SIGTERM/SIGINT: FreeBSD signals its workers and exits at once, leaving the pidfile behind.
   We signal them, wait for them (30 s, then SIGKILL) so no worker outlives the daemon holding
   a device, and remove the control socket and the pidfile.
-* A role change or a replacing primary connection stops the old worker with SIGTERM (FreeBSD
-  uses SIGINT for the latter) and waits at most 30 s before SIGKILL, where FreeBSD can block
-  forever on a hung worker.  The worker's event channel is closed first, so a worker that
-  reports an event while stopping cannot deadlock against the waiting daemon.
+* A role change (SIGTERM) or a replacing primary connection (SIGINT) waits at most 30 s for
+  the old worker before SIGKILL, where FreeBSD can block forever on a hung worker.  The
+  worker's event channel is closed first, so a worker that reports an event while stopping
+  cannot deadlock against the waiting daemon.
 * The 1 s delay before restarting a primary worker is a timer, not a sleep in the loop.
 * Control connections get the same non-blocking, 20 s-bounded frame reader as peer
   connections (FreeBSD reads the request with a blocking call and no timeout).
 * Handshake tokens are single-use: a token is only valid for the half-open connection it was
   issued for and is forgotten once step 2 consumed it.  FreeBSD keeps it (and before the first
   step 1 a token of 16 zero bytes would match its zero-initialised buffer).
-* A failed fork of a worker is logged and the resource goes back to ``init``; FreeBSD exits.
+* A role change away from ``secondary`` also closes a half-open connection #1 (FreeBSD keeps
+  it until the next step 1 replaces it).
+* A failed fork of a worker is logged (a primary goes back to ``init``); FreeBSD exits.
+* A ``remote`` that does not parse matches no peer (FreeBSD's hast.conf parser does not check
+  addresses either; the first connection would meet it).
+* An unexpected exception while serving one descriptor is logged at CRIT (traceback at debug
+  1) and costs that connection only; FreeBSD would abort the daemon and every worker with it.
+* At most 128 connections of each kind (control, peer) may be waiting for their first frame;
+  the oldest is dropped to admit a new one.
+* Configuration errors at start-up print FreeBSD's line, then ``<file>:<line>: <message>``.
 * No geom_gate module to load: the block-device frontend is the worker's business on Linux.
 * Accepted connections are handed to the secondary worker in blocking mode without socket
   timeouts; the worker sets its own (FreeBSD's parent sets 20 s SO_SNDTIMEO/SO_RCVTIMEO, which
   the worker replaces anyway).
+* A listen address given twice is bound once (FreeBSD fails with "Address already in use").
 """
 
 from __future__ import annotations
@@ -677,8 +687,9 @@ class Daemon:
         if rs.worker is not None:
             pid = rs.worker.pid
             log.debug(1, f"Worker process exists (pid={pid}), stopping it.")
-            # A new primary session replaces the old one.
-            self._stop_worker(rs, signal.SIGTERM, replacing=True)
+            # A new primary session replaces the old one; SIGINT as FreeBSD (the secondary
+            # worker leaves it at its default action: die at once).
+            self._stop_worker(rs, signal.SIGINT, replacing=True)
         elif rs.remotein is not None:
             log.debug(1, f"Canceling half-open connection from {remote_text(rs.remotein)} "
                       f"on connection from {raddr}.")

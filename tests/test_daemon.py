@@ -78,6 +78,9 @@ class HastNode:
         self.proc: subprocess.Popen | None = None
         self.extra_pids: list[int] = []
         self.write_conf({"test": {}})
+        # py-hast's own settings beside hast.conf: a primary worker serves its NBD socket
+        # from the temp dir and creates no /dev/hast device (no loop device, no nbdfuse).
+        (root / "py-hast.conf").write_text(f"devdir none\nsockdir {root}\n")
 
     # -- configuration ----------------------------------------------------------------------
 
@@ -615,10 +618,9 @@ def start_primary(node: HastNode, *args: str) -> tuple[str, int]:
     """A resource in role primary with a live worker: (resource name, worker pid).
 
     The provider is created with hastctl; the peer is a closed port, so the worker runs
-    degraded and stays up.  Skips the test when the worker cannot run here (no frontend).
+    degraded and stays up.  Skips the test when the worker cannot run here.
     """
-    # A primary's device name is global (/dev/hast/<name>): keep clear of other tests.
-    name = f"p{os.getpid()}"
+    name = "prim"
     node.write_conf({name: {"remote": f"tcp4://127.0.0.1:{free_port()}", "timeout": "5"}})
     with open(node.root / f"{name}.img", "wb") as f:
         f.truncate(64 * 1024 * 1024)
@@ -799,6 +801,33 @@ def test_step2_starts_a_secondary_worker_and_consumes_the_token(node: HastNode) 
         with step2(node, token) as again:
             assert read_reply(again)[1].get_string("errmsg") == "Token doesn't match."
     assert node.status()["role"] == "secondary"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("hast.secondary") is None,
+                    reason="needs the secondary worker (hast/secondary.py)")
+def test_new_primary_session_replaces_the_secondary_worker(node: HastNode) -> None:
+    with open(node.root / "test.img", "wb") as f:
+        f.truncate(64 * 1024 * 1024)
+    subprocess.run([sys.executable, "-m", "hast.ctl", "create", "-c", str(node.conf), "test"],
+                   cwd=REPO, env=daemon_env(), check=True, timeout=60, capture_output=True)
+    node.start("-d")
+    node.role("secondary")
+    conn1, _, reply = step1(node)
+    with conn1, step2(node, reply.get_uint8_array("token")):
+        _fv, answer = read_reply(conn1)  # step 3, from the worker
+        if answer.exists("errmsg"):
+            pytest.skip(f"secondary refused the test primary: {answer.get_string('errmsg')}")
+        pid = poll(lambda: node.status()["workerpid"], "secondary worker")
+        # The same primary starts over (say, after a restart): the old session must go.
+        again, _, reply = step1(node)
+        with again:
+            assert len(reply.get_uint8_array("token")) == 16
+    log_text = node.log()
+    assert (f"[DEBUG][1] [test] (secondary) Worker process exists (pid={pid}), stopping it."
+            in log_text)
+    assert (f"[ERROR] [test] (secondary) Worker process killed (pid={pid}, signal=2)."
+            in log_text)
+    assert node.status()["workerpid"] == 0
 
 
 def test_new_step1_cancels_a_half_open_connection(node: HastNode) -> None:
