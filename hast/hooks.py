@@ -94,11 +94,14 @@ def _child(path: str, argv: list[str]) -> None:
     """The forked child: set up descriptors and signals, then execv; exit 70 if that fails."""
     try:
         try:
-            # The parent's wakeup descriptor and handlers must not fire in here; Python's
-            # ignored SIGPIPE/SIGXFSZ would survive execv, so restore the defaults.
-            signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGPIPE, signal.SIGXFSZ):
-                signal.signal(sig, signal.SIG_DFL)
+            try:
+                # The parent's wakeup descriptor must not be written from here; Python's
+                # ignored SIGPIPE/SIGXFSZ would survive execv, so restore the defaults.
+                signal.set_wakeup_fd(-1)
+                for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+                    signal.signal(sig, signal.SIG_DFL)
+            except ValueError:
+                pass  # forked from a thread other than the main one: nothing was set up
             _descriptors()
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             os.execv(path, argv)

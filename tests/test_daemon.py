@@ -143,7 +143,7 @@ class HastNode:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                return proc.wait(WAIT)
+                return proc.wait(2 * WAIT)  # hastd itself may wait 30 s for a worker
             except subprocess.TimeoutExpired:
                 proc.kill()
         return proc.wait()
