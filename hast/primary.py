@@ -187,7 +187,11 @@ class Primary:
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
         self.res = ctx.resource
-        self.settings = settings.load(ctx.config.path)
+        try:
+            self.settings = settings.load(ctx.config.path)
+        except settings.SettingsError as exc:
+            log.error(str(exc))
+            raise SystemExit(EX_CONFIG) from None
         self.maxio = self.settings.maxio_for(self.res.name)
         self.mode = self.res.replication
         self.stats = Stats()
@@ -208,6 +212,7 @@ class Primary:
         from hast.sync import Synchronizer
         self.sync = Synchronizer(self)
         self.frontend = None
+        self.exit_code = 0
 
     # -- start-up -----------------------------------------------------------------------
     def _open_local(self) -> None:
@@ -662,6 +667,8 @@ class Primary:
         threading.Thread(target=self._receiver, args=(conn,), name="remote_recv",
                          daemon=True).start()
         log.info(f"Connected to {self.res.remote}.")
+        if self.syncsrc == SYNCSRC_PRIMARY:
+            self.direct_reads(True)
         self.ctx.emit(EVENT_CONNECT)
         self.sync.start()
         return 0
@@ -674,6 +681,13 @@ class Primary:
 
     # -- guard thread: keepalives and reconnects -----------------------------------------------
     def guard(self) -> None:
+        if self.res.remote != "none":
+            # the peer may still be primary (a role switch in progress): retry for `timeout` s
+            deadline = time.monotonic() + self.res.timeout
+            while (self.connect() == errno.EBUSY and time.monotonic() < deadline
+                   and not self.stopping.wait(1.0)):
+                pass
+            self.last_attempt = time.monotonic()
         while not self.stopping.wait(1.0):
             conn = self.conn
             if conn is not None and conn.up:
@@ -733,10 +747,24 @@ class Primary:
 
     # -- life cycle -----------------------------------------------------------------------
     def start_frontend(self) -> None:
-        if sys.platform.startswith("linux"):
+        if sys.platform.startswith("freebsd"):
+            from hast.frontends.ggate import GgateFrontend
+            self.frontend = GgateFrontend(self)
+        else:
             from hast.frontends.linux import LinuxFrontend
             self.frontend = LinuxFrontend(self)
-            self.frontend.start()
+        self.frontend.start()
+
+    def direct_reads(self, enabled: bool) -> None:
+        """GEOM_GATE may read the local provider itself once the local copy is current."""
+        hook = getattr(self.frontend, "ggate_direct_reads", None)
+        if hook is not None:
+            hook(enabled)
+
+    def frontend_exit(self, code: int) -> None:
+        """The frontend lost its device (destroyed by someone else, or START/DONE failed)."""
+        self.exit_code = code
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def shutdown(self) -> None:
         if self.frontend is not None:
@@ -770,19 +798,12 @@ def run(ctx: WorkerContext) -> int:
     ctx.serve_control(primary.status, primary.reload)
     try:
         primary.start_frontend()
-    except OSError as exc:
+    except (OSError, ImportError) as exc:
         log.error(f"Unable to start the frontend: {exc}")
         primary.shutdown()
         return EX_TEMPFAIL
-    if ctx.resource.remote != "none":
-        # the peer may still be primary (a role switch in progress): retry for `timeout` s
-        deadline = time.monotonic() + ctx.resource.timeout
-        while primary.connect() == errno.EBUSY and time.monotonic() < deadline:
-            if stop.wait(1.0):
-                break
-        primary.last_attempt = time.monotonic()
     threading.Thread(target=primary.guard, name="guard", daemon=True).start()
     while not stop.wait(1.0):
         pass
     primary.shutdown()
-    return 0
+    return primary.exit_code

@@ -115,10 +115,13 @@ class Synchronizer:
         if not self._alive(gen) or not p.connected:
             return
         with p.lock:
+            from_secondary = p.syncsrc == 2
             p.syncsrc = 0
             p.localcnt = p.peer_remotecnt
             p.remotecnt = p.peer_localcnt
         p.write_metadata()
+        if from_secondary:
+            p.direct_reads(True)  # the local copy is current again
 
     def _next(self) -> tuple[int, int, int] | None:
         p = self.primary
