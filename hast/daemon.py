@@ -355,6 +355,11 @@ def may_access(conn: socket.socket, remote: str) -> bool:
         return False
 
 
+def _same_uds(a: str, b: str) -> bool:
+    return (proto.is_uds(a) and proto.is_uds(b)
+            and os.path.abspath(proto.uds_path(a)) == os.path.abspath(proto.uds_path(b)))
+
+
 def _exit_text(pid: int, returncode: int) -> tuple[bool, str]:
     """child_exit_log() with a Popen-style returncode (negative = killed by that signal)."""
     if returncode == 0:
@@ -1025,7 +1030,11 @@ class Daemon:
         if new_control is not None:
             log.info(f"Control socket changed from {self.control_addr} to {newcfg.control}.")
             self.sel.unregister(self.control_sock)
-            _close_listener(self.control_sock, self.control_addr)
+            if _same_uds(self.control_addr, newcfg.control):
+                # Same file spelled differently: it belongs to the new socket now.
+                self.control_sock.close()
+            else:
+                _close_listener(self.control_sock, self.control_addr)
             self.control_sock, self.control_addr = new_control, newcfg.control
             new_control.setblocking(False)
             self.sel.register(new_control, selectors.EVENT_READ, ("control", None))

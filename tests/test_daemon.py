@@ -84,7 +84,7 @@ class HastNode:
 
     # -- configuration ----------------------------------------------------------------------
 
-    def write_conf(self, resources: dict[str, dict[str, str]], *, control: Path | None = None,
+    def write_conf(self, resources: dict[str, dict[str, str]], *, control: Path | str | None = None,
                    listen: Iterable[str] | None = None, pidfile: Path | None = None,
                    raw: str | None = None) -> None:
         """hast.conf with these resources; a resource's dict sets exec, remote, local...
@@ -489,6 +489,15 @@ def test_reload_moves_listen_and_control_sockets(node: HastNode) -> None:
     node.role("secondary")
     _, _, reply = step1(node)
     assert reply.get_uint8("version") == 2
+
+
+def test_reload_control_address_spelled_differently(node: HastNode) -> None:
+    node.start()
+    node.write_conf({"test": {}}, control=f"uds://{node.control}")
+    node.reload()
+    assert (f"[INFO] Control socket changed from {node.control} to uds://{node.control}."
+            in node.log())
+    assert node.status()["role"] == "init"
 
 
 def test_reload_keeps_listening(node: HastNode) -> None:
