@@ -53,7 +53,8 @@ Deviations from FreeBSD, deliberate (README lists them):
 * At most 128 connections of each kind (control, peer) may be waiting for their first frame;
   the oldest is dropped to admit a new one.
 * Configuration errors at start-up print FreeBSD's line, then ``<file>:<line>: <message>``.
-* No geom_gate module to load: the block-device frontend is the worker's business on Linux.
+* hastd does not load geom_gate at start-up: the primary worker's frontend loads what it needs
+  (geom_gate on FreeBSD, nbd on Linux) when it creates /dev/hast/<name>.
 * Accepted connections are handed to the secondary worker in blocking mode without socket
   timeouts; the worker sets its own (FreeBSD's parent sets 20 s SO_SNDTIMEO/SO_RCVTIMEO, which
   the worker replaces anyway).
