@@ -12,7 +12,6 @@ the test fails.
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import os
 import re
@@ -618,9 +617,9 @@ def test_role_init_refuses(node: HastNode) -> None:
                      r"as secondary as requested by tcp://127\.0\.0\.1:\d+\.", node.log())
 
 
-needs_primary = pytest.mark.skipif(
-    importlib.util.find_spec("hast.primary") is None,
-    reason="needs a primary worker that stays up (hast/primary.py)")
+def needs_primary(fn):  # type: ignore[no-untyped-def]
+    """Marks the tests that run a real primary worker (kept as a name for grep)."""
+    return fn
 
 
 def start_primary(node: HastNode, *args: str) -> tuple[str, int]:
@@ -639,8 +638,7 @@ def start_primary(node: HastNode, *args: str) -> tuple[str, int]:
     node.role("primary", name)
     status = poll(lambda: (s := node.status(name)) and ("status" in s or s["role"] == "init")
                   and s, "primary worker")
-    if status["role"] != "primary":
-        pytest.skip("the primary worker cannot run in this environment")
+    assert status["role"] == "primary", "the primary worker did not stay up"
     return name, int(status["workerpid"])
 
 
@@ -812,8 +810,6 @@ def test_step2_starts_a_secondary_worker_and_consumes_the_token(node: HastNode) 
     assert node.status()["role"] == "secondary"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("hast.secondary") is None,
-                    reason="needs the secondary worker (hast/secondary.py)")
 def test_new_primary_session_replaces_the_secondary_worker(node: HastNode) -> None:
     with open(node.root / "test.img", "wb") as f:
         f.truncate(64 * 1024 * 1024)
@@ -824,8 +820,7 @@ def test_new_primary_session_replaces_the_secondary_worker(node: HastNode) -> No
     conn1, _, reply = step1(node)
     with conn1, step2(node, reply.get_uint8_array("token")):
         _fv, answer = read_reply(conn1)  # step 3, from the worker
-        if answer.exists("errmsg"):
-            pytest.skip(f"secondary refused the test primary: {answer.get_string('errmsg')}")
+        assert not answer.exists("errmsg"), answer.get_string("errmsg")
         pid = poll(lambda: node.status()["workerpid"], "secondary worker")
         # The same primary starts over (say, after a restart): the old session must go.
         again, _, reply = step1(node)
