@@ -680,7 +680,7 @@ class Primary:
         return self.mode
 
     # -- guard thread: keepalives and reconnects -----------------------------------------------
-    def guard(self) -> None:
+    def guard(self, first_attempt_done: threading.Event) -> None:
         if self.res.remote != "none":
             # the peer may still be primary (a role switch in progress): retry for `timeout` s
             deadline = time.monotonic() + self.res.timeout
@@ -688,6 +688,7 @@ class Primary:
                    and not self.stopping.wait(1.0)):
                 pass
             self.last_attempt = time.monotonic()
+        first_attempt_done.set()
         while not self.stopping.wait(1.0):
             conn = self.conn
             if conn is not None and conn.up:
@@ -796,13 +797,23 @@ def run(ctx: WorkerContext) -> int:
     except SystemExit as exc:
         return int(exc.code or EX_CONFIG)
     ctx.serve_control(primary.status, primary.reload)
+    # As hastd, try the peer once before serving any I/O: a primary whose copy is the stale
+    # one learns it in the handshake (sync from the secondary) and must not serve reads
+    # from its own disk before that.  The attempt runs on the guard thread so that SIGTERM
+    # is still answered at once.
+    first_attempt = threading.Event()
+    threading.Thread(target=primary.guard, args=(first_attempt,), name="guard",
+                     daemon=True).start()
+    while not first_attempt.wait(0.1):
+        if stop.is_set():
+            primary.shutdown()
+            return primary.exit_code
     try:
         primary.start_frontend()
     except (OSError, ImportError) as exc:
         log.error(f"Unable to start the frontend: {exc}")
         primary.shutdown()
         return EX_TEMPFAIL
-    threading.Thread(target=primary.guard, name="guard", daemon=True).start()
     while not stop.wait(1.0):
         pass
     primary.shutdown()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -118,7 +119,16 @@ class HastPair:
         self.ctl(name, "role", role, self.resource, check=True)
         if role == "primary" and wait:
             # like /dev/hast/<name> on FreeBSD, the export appears once the worker runs
-            self.wait(f"the NBD export of {name}", self.socket(name).exists)
+            self.wait(f"the NBD export of {name}", lambda: self.serving(name))
+
+    def serving(self, name: str) -> bool:
+        """The primary's NBD socket accepts connections (a stale file does not count)."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            try:
+                sock.connect(str(self.socket(name)))
+            except OSError:
+                return False
+        return True
 
     def list_fields(self, name: str) -> dict[str, str]:
         out = self.ctl(name, "list", self.resource).stdout

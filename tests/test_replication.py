@@ -205,3 +205,20 @@ def test_filesystem_on_dev_hast_survives_a_role_switch(tmp_path: Path) -> None:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
         pair.close()
     assert not dev.exists()
+
+
+def test_primary_out_of_date_reads_and_resyncs_from_the_secondary(pair: HastPair) -> None:
+    bring_up(pair)
+    pair.stop("hasta", signal.SIGKILL)
+    # hastb carries on alone as primary and writes; hasta misses it
+    pair.role("hastb", "primary")
+    assert qemu_io(pair, "hastb", "write -P 0x77 2M 64k").returncode == 0
+    pair.role("hastb", "secondary")
+    # hasta comes back as primary: its copy is the stale one (hast-internals §9.4 case 3)
+    pair.start("hasta")
+    pair.role("hasta", "primary")
+    res = qemu_io(pair, "hasta", "read -P 0x77 2M 64k")
+    assert res.returncode == 0, res.stdout + res.stderr
+    pair.wait_complete("hasta")
+    assert pair.data("hasta")[2 * MiB:2 * MiB + 65536] == b"\x77" * 65536
+    assert_identical(pair)
