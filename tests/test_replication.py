@@ -222,3 +222,32 @@ def test_primary_out_of_date_reads_and_resyncs_from_the_secondary(pair: HastPair
     pair.wait_complete("hasta")
     assert pair.data("hasta")[2 * MiB:2 * MiB + 65536] == b"\x77" * 65536
     assert_identical(pair)
+
+
+def test_a_killed_primary_leaves_nothing_for_the_next_one(tmp_path: Path) -> None:
+    devdir = tmp_path / "dev"
+    pair = HastPair(tmp_path / "pair", devdir=str(devdir))
+    dev = devdir / pair.resource
+    workdir = pair.dir("hasta") / "run" / f"{pair.resource}.devnode"
+
+    def leftovers() -> list[str]:
+        loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+        mounts = Path("/proc/mounts").read_text()
+        return [line for line in (loops + mounts).splitlines() if str(workdir) in line]
+
+    try:
+        bring_up(pair)
+        pair.wait("/dev/hast/test", dev.exists)
+        assert leftovers()
+        pair.kill_all("hasta")      # worker, hastd and the worker's nbdfuse
+        pair.daemons.pop("hasta")
+        assert leftovers()          # a SIGKILLed worker cannot clean up
+        pair.start("hasta")
+        pair.role("hasta", "primary")
+        pair.wait("/dev/hast/test again", lambda: dev.exists() and len(leftovers()) == 2)
+        assert qemu_io(pair, "hasta", "write -P 0x19 0 4k").returncode == 0
+        with open(dev, "rb") as fh:
+            assert fh.read(4096) == b"\x19" * 4096
+    finally:
+        pair.close()
+    assert not leftovers()

@@ -9,6 +9,9 @@ socket is always served; TCP only where py-hast.conf says so (``nbd <resource> <
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
 import threading
 from typing import TYPE_CHECKING
 
@@ -81,6 +84,36 @@ class PrimaryBackend:
             req.complete(22)  # EINVAL
 
 
+def reap_leftovers(workdir: str) -> None:
+    """Take down what a worker killed with SIGKILL left in ``workdir``.
+
+    Such a worker cannot detach its device: its loop device, its nbdfuse process and the
+    FUSE mount stay behind, pointing at an export that no longer exists.  The next primary
+    worker of the same resource clears them before it builds its own.
+    """
+    if not os.path.isdir(workdir):
+        return
+    listing = subprocess.run(["losetup", "--list", "--noheadings", "--raw",
+                              "--output", "NAME,BACK-FILE"], capture_output=True, text=True,
+                             timeout=30)
+    for line in listing.stdout.splitlines():
+        name, _, backing = line.partition(" ")
+        if backing.startswith(workdir + os.sep):
+            log.warning(f"Detaching {name}, left behind by a previous worker.")
+            subprocess.run(["losetup", "-d", name], capture_output=True, timeout=30)
+    for private in sorted(os.listdir(workdir)):
+        base = os.path.join(workdir, private)
+        try:
+            with open(os.path.join(base, "nbdfuse.pid")) as fh:
+                os.kill(int(fh.read().strip()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+        # a dead FUSE mount fails even stat() (ENOTCONN): unmount without looking first
+        mnt = os.path.join(base, "mnt")
+        subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, timeout=30)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 class LinuxFrontend:
     def __init__(self, primary: Primary) -> None:
         self.primary = primary
@@ -105,6 +138,7 @@ class LinuxFrontend:
         if settings.devdir != "none":
             from hast.frontends import devnode
             workdir = os.path.join(settings.sockdir, f"{p.res.name}.devnode")
+            reap_leftovers(workdir)
             os.makedirs(workdir, mode=0o700, exist_ok=True)
             try:
                 self.devnode = devnode.attach(name, sockpath, workdir, devdir=settings.devdir,
