@@ -69,21 +69,26 @@ class GatedBackend(FileBackend):
         super().__init__(*args, **kw)
         self.held: list[Request] = []
         self.held_event = threading.Event()
-        self._lock = threading.Lock()
+        self._gate_lock = threading.Lock()
+        self._open = False
 
     def submit(self, req: Request) -> None:
         if req.offset == self.gate_offset and req.cmd != nbd.CMD_FLUSH:
-            with self._lock:
-                self.held.append(req)
-            self.held_event.set()
-            return
+            with self._gate_lock:
+                if not self._open:
+                    self.held.append(req)
+                    self.held_event.set()
+                    return
         super().submit(req)
 
     def release(self) -> None:
-        with self._lock:
+        """Open the gate for good; held requests go to the worker threads (not inline in
+        the caller, which may be the test thread that has to read the replies)."""
+        with self._gate_lock:
+            self._open = True
             held, self.held = self.held, []
         for req in held:
-            super().submit(req)
+            self._queue.put(req)
 
 
 # ---- fixtures ----------------------------------------------------------------------------
@@ -147,6 +152,11 @@ def split_served(tmp_path: Path) -> Iterator[Served]:
 @pytest.fixture
 def gated_served(tmp_path: Path) -> Iterator[Served]:
     yield from _serve(tmp_path, GatedBackend)
+
+
+@pytest.fixture
+def direct_served(tmp_path: Path) -> Iterator[Served]:
+    yield from _serve(tmp_path, direct=True)
 
 
 @pytest.fixture
@@ -676,6 +686,47 @@ def test_stop_with_clients_connected(gated_served: Served, raw_clients: list[Raw
     gated_served.server.stop()  # idempotent
     with pytest.raises(OSError):
         Raw(gated_served.sock_path)
+
+
+def test_inflight_requests_are_bounded(gated_served: Served, raw_clients: list[Raw]) -> None:
+    backend = gated_served.backend
+    assert isinstance(backend, GatedBackend)
+    c = _connect(raw_clients, gated_served)
+    c.go()
+    total = nbd.MAX_INFLIGHT_REQUESTS + 100
+    c.sock.sendall(b"".join(
+        struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, i, GatedBackend.gate_offset,
+                    4096) for i in range(total)))
+    for _ in range(3000):
+        if len(backend.held) >= nbd.MAX_INFLIGHT_REQUESTS:
+            break
+        threading.Event().wait(0.01)
+    threading.Event().wait(0.2)  # room for a (wrong) 513th request to arrive
+    assert len(backend.held) == nbd.MAX_INFLIGHT_REQUESTS
+    backend.release()
+    cookies = set()
+    for _ in range(total):
+        err, cookie, data = c.reply(4096)
+        assert err == 0 and data == bytes(4096)
+        cookies.add(cookie)
+    assert cookies == set(range(total))
+
+
+def test_direct_io_backend(direct_served: Served, raw_clients: list[Raw]) -> None:
+    served = direct_served
+    r = _run("qemu-io", "-f", "raw", "-c", "write -P 0x3c 512 512",
+             "-c", "read -P 0x3c 512 512", "-c", "write -P 0x3d 1M 3M", "-c", "flush",
+             "-c", "write -z 1M 8k", "-c", "read -P 0 1M 8k",
+             "-c", "read -P 0x3d 1056768 64k", served.uri)
+    assert r.returncode == 0, r.stdout + r.stderr
+    c = _connect(raw_clients, served)
+    c.go()
+    data = os.urandom(2 << 20)
+    assert c.write(4 << 20, data, nbd.CMD_FLAG_FUA) == 0
+    assert c.read(4 << 20, 2 << 20) == data
+    with open(served.image, "rb") as f:
+        f.seek(4 << 20)
+        assert f.read(2 << 20) == data
 
 
 def test_server_api_guards(tmp_path: Path) -> None:
