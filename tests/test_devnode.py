@@ -172,3 +172,20 @@ def test_attach_errors_leave_nothing_behind(export: Export, tmp_path: Path) -> N
     for bad in ("", "/abs", "a//b", "a/../b", "."):
         with pytest.raises(DevNodeError, match="invalid resource name"):
             attach(bad, export.sock, export.workdir)
+
+
+def test_kernel_nbd_client(export: Export) -> None:
+    """The kernel-client branch; on kernels without the nbd module it must fail cleanly."""
+    if not os.path.isdir(devnode.NBD_MODULE):
+        with pytest.raises(DevNodeError, match="nbd module"):
+            attach(export.name, export.sock, export.workdir, method="kernel-nbd")
+        assert not os.path.lexists(os.path.join(devnode.DEV_DIR, export.name))
+        return
+    assert shutil.which("nbd-client"), "nbd-client is required where the nbd module exists"
+    node = attach(export.name, export.sock, export.workdir, method="kernel-nbd")
+    export.nodes.append(node)
+    assert node.device is not None and node.device.startswith("/dev/nbd")
+    assert os.readlink(node.path) == node.device
+    assert int(_run("blockdev", "--getsize64", node.path).stdout) == SIZE
+    node.detach()
+    assert not os.path.lexists(node.path)

@@ -296,18 +296,34 @@ class DevNode:
 
     # ---- kernel NBD client ---------------------------------------------------------------
 
-    def _attach_kernel(self, name: str, socket_path: str) -> None:
+    def _attach_kernel(self, name: str, socket_path: str, workdir: str) -> None:
         self.method = "kernel-nbd"
         devs = sorted((p for p in Path("/sys/block").glob("nbd*")),
                       key=lambda p: int(p.name[3:]) if p.name[3:].isdigit() else 1 << 30)
+        if not devs:
+            raise DevNodeError("no /dev/nbdN devices (is the nbd module loaded?)")
         free = [p.name for p in devs if not (p / "pid").exists()]
         if not free:
-            raise DevNodeError("the nbd module is loaded but every /dev/nbdN is in use")
+            raise DevNodeError("every /dev/nbdN is in use")
         dev = f"/dev/{free[0]}"
-        # nbd-client (Debian: nbd-client) configures the device over netlink when it can.
-        r = _run(["nbd-client", "-N", name, "-unix", socket_path, dev], self.timeout)
-        if r.returncode != 0:
-            raise DevNodeError(f"nbd-client {dev} failed: {(r.stderr or r.stdout).strip()}")
+        os.makedirs(workdir, exist_ok=True)
+        logpath = os.path.join(workdir, f"nbd-client-{free[0]}.log")
+        # nbd-client (Debian: nbd-client) configures the device over netlink when it can;
+        # without netlink it leaves a daemon holding the socket, so its output goes to a
+        # file: a pipe would keep subprocess waiting for that daemon's EOF.
+        argv = ["nbd-client", "-N", name, "-unix", socket_path, dev]
+        with open(logpath, "wb") as logf:
+            try:
+                rc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=logf,
+                                    stderr=subprocess.STDOUT, timeout=self.timeout).returncode
+            except FileNotFoundError as exc:
+                raise DevNodeError("nbd-client is not installed (Debian: nbd-client)") from exc
+            except subprocess.TimeoutExpired as exc:
+                raise DevNodeError(f"nbd-client {dev} did not finish within "
+                                   f"{self.timeout:g} s") from exc
+        output = Path(logpath).read_text(errors="replace").strip()
+        if rc != 0:
+            raise DevNodeError(f"nbd-client {dev} failed (status {rc}): {output[-500:]}")
         self.device = dev
         size = Path(f"/sys/block/{free[0]}/size")
         if not _wait(lambda: size.exists() and int(size.read_text() or 0) > 0, self.timeout):
@@ -359,7 +375,7 @@ def attach(name: str, socket_path: str | os.PathLike[str], workdir: str | os.Pat
     try:
         if method == "kernel-nbd":
             log.info(f"{node.path}: kernel NBD client ({NBD_MODULE} present).")
-            node._attach_kernel(name, socket_path)
+            node._attach_kernel(name, socket_path, os.fspath(workdir))
         else:
             log.info(f"{node.path}: no nbd kernel module, using nbdfuse and a loop device.")
             node._attach_nbdfuse(export_uri(name, socket_path), os.fspath(workdir),

@@ -172,7 +172,8 @@ class Request:
     """One NBD command as the backend sees it.
 
     Created by the server; the backend calls ``complete(errno)`` exactly once, from any
-    thread, when the command is done (for WRITE with FUA: durable).  ``buf`` is the WRITE
+    thread (also from inside ``submit``), when the command is done (WRITE with FUA:
+    durable).  ``buf`` is the WRITE
     payload, or where READ data goes (``len(buf) == length``); it belongs to the server
     again once ``complete`` was called.
     """
