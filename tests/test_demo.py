@@ -9,7 +9,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def netns() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
 def test_demo_passes_and_leaves_nothing_behind() -> None:
+    before = netns()
     res = subprocess.run([sys.executable, str(REPO / "tools" / "demo.py")], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
@@ -20,6 +26,5 @@ def test_demo_passes_and_leaves_nothing_behind() -> None:
     assert "hast-demo-" not in Path("/proc/mounts").read_text()
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert "hast-demo-" not in loops
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert "hast-" not in netns
+    assert not {ns for ns in netns() - before if ns.startswith("hast-")}
     assert not Path("/dev/hast/demo").exists()
