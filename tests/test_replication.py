@@ -4,6 +4,7 @@ degraded mode and dirty-only resync, split-brain, and the modes x compression x 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -144,33 +145,40 @@ def test_split_brain_detected_refused_and_recovered(tmp_path: Path) -> None:
         pair.close()
 
 
-@pytest.mark.parametrize("mode,compression,checksum", [
-    ("fullsync", "lzf", "sha256"),
-    ("memsync", "hole", "crc32"),
-    ("async", "none", "none"),
-    ("memsync", "lzf", "none"),
-    ("async", "hole", "sha256"),
-    ("fullsync", "none", "crc32"),
-])
-def test_modes_compression_checksum(tmp_path: Path, mode: str, compression: str,
-                                    checksum: str) -> None:
-    extra = (f"\treplication {mode}\n\tcompression {compression}\n\tchecksum {checksum}\n")
-    pair = HastPair(tmp_path, resource_extra=extra)
+COMBINATIONS = [(c, k) for c in ("none", "hole", "lzf") for k in ("none", "crc32", "sha256")]
+
+
+@pytest.mark.parametrize("mode", ["fullsync", "memsync", "async"])
+def test_every_mode_compression_and_checksum(tmp_path: Path, mode: str) -> None:
+    """Each mode with every compression x checksum, switched live on the primary (SIGHUP)."""
+    pair = HastPair(tmp_path, resource_extra=f"\treplication {mode}\n")
+    text = tmp_path / "text.img"
+    lines = b"".join(b"HAST line %08d ........\n" % i for i in range(20000))
+    text.write_bytes(lines.ljust(MiB, b"\0"))  # text, then zeros: lzf and hole both apply
     try:
         bring_up(pair)
         assert pair.list_fields("hasta")["replication"] == mode
-        text = tmp_path / "text.img"
-        lines = b"".join(b"HAST line %08d ........\n" % i for i in range(100000))
-        text.write_bytes(lines.ljust(4 * MiB, b"\0"))  # the export takes 512-byte sectors
-        assert subprocess.run([tool("nbdcopy"), str(text), pair.uri("hasta")],
-                              capture_output=True, timeout=120).returncode == 0
-        res = qemu_io(pair, "hasta", "write -P 0x5a 8M 1M", "write -z 9M 1M", "flush",
-                      "read -P 0x5a 8M 1M")
-        assert res.returncode == 0, res.stdout + res.stderr
+        for n, (compression, checksum) in enumerate(COMBINATIONS):
+            conf = pair.conf("hasta")
+            text_conf = re.sub(r"\t(compression|checksum) \S+\n", "", conf.read_text())
+            conf.write_text(text_conf.replace(
+                f"\treplication {mode}\n",
+                f"\treplication {mode}\n\tcompression {compression}\n\tchecksum {checksum}\n"))
+            pair.daemons["hasta"].send_signal(signal.SIGHUP)
+            pair.wait(f"reload {n + 1}", lambda n=n: pair.log("hasta").count(
+                "Configuration reloaded successfully.") >= n + 1)
+            offset = 4 * MiB * (n + 1)
+            copy = subprocess.run([tool("nbdcopy"), "--destination-is-zero", str(text),
+                                   f"{pair.uri('hasta')}"], capture_output=True, timeout=120)
+            assert copy.returncode == 0, copy.stderr
+            res = qemu_io(pair, "hasta", f"write -P 0x5a {offset} 1M",
+                          f"write -z {offset + MiB} 1M", "flush", f"read -P 0x5a {offset} 1M")
+            assert res.returncode == 0, (compression, checksum, res.stdout + res.stderr)
         # async/memsync may still be completing the secondary's copy: a role change to
         # init on the primary waits for its worker, which drains what is in flight
         pair.role("hasta", "init")
         assert_identical(pair)
+        assert pair.data("hasta")[:MiB] == text.read_bytes()
     finally:
         pair.close()
 
