@@ -9,6 +9,24 @@ failover scripts look for with ``pgrep -f``.
 Parent and worker talk as in FreeBSD over two socketpairs carrying hast_proto frames:
 ``ctrl`` (parent -> worker: STATUS = 10, RELOAD = 11) and ``event`` (worker -> parent: one
 ``event`` per hook-worthy event; the parent answers ``error`` once the hook is started).
+
+Privileges (hast.privsep, doc/security.md).  A worker process calls
+:meth:`WorkerContext.drop_privileges` once it has opened everything it needs, as FreeBSD's
+workers call drop_privs().  Where it drops:
+
+* the **secondary** worker, on every OS: its last open is the provider (then it only uses
+  descriptors it holds), and FreeBSD drops right before starting the ctrl thread, so
+  :meth:`WorkerContext.serve_control` does it first for a secondary;
+* the **primary** worker on FreeBSD, after /dev/hast/<name> exists (its ggate descriptor is
+  all it needs to destroy it later) -- once hast.primary calls drop_privileges() there --
+  to the ``hast`` user but without jail/chroot: unlike FreeBSD's, whose parent opens the
+  replication connections for it, ours connects and resolves ``remote`` itself;
+* never the primary on Linux: its frontend mounts nbdfuse, binds a loop device and makes the
+  /dev/hast symlink when it starts *and* undoes all three when it is demoted, which needs
+  root in the worker until that lifecycle moves to the parent.
+
+Only a real worker process (``python -m hast.worker``) drops anything: a WorkerContext made
+in-process (tests) leaves the caller's credentials alone.
 """
 
 from __future__ import annotations
@@ -23,9 +41,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hast import log, proto
+from hast import log, privsep, proto
 from hast import nv as nvmod
 from hast.config import Config, Resource
+from hast.sysexits import EX_CONFIG
 
 # worker -> parent events (event.h); the names are the hook arguments
 EVENT_NONE, EVENT_CONNECT, EVENT_DISCONNECT = 0, 1, 2
@@ -57,7 +76,40 @@ class WorkerContext:
     remoteout: socket.socket | None = None   # secondary: connection #2 (replies)
     handshake: nvmod.NV | None = None        # secondary: handshake step 2 as received
     version: int = proto.PROTO_VERSION       # negotiated protocol version
+    sandbox: bool = False                    # a worker process: drop_privileges() acts
+    privileges_dropped: bool = False         # drop_privileges() changed the credentials
     _event_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    _sandbox_done: bool = False
+
+    def drop_privileges(self) -> None:
+        """FreeBSD's drop_privs() once the worker holds all it needs; idempotent.
+
+        Exits with EX_CONFIG (78) when a required step fails, as FreeBSD's workers do.
+        """
+        if not self.sandbox or self._sandbox_done:
+            return
+        self._sandbox_done = True
+        if not worker_drops_privileges(self.role):
+            log.debug(1, "Privileges kept: the Linux primary creates and destroys "
+                      "/dev/hast devices.")
+            return
+        stuck = privsep.proc_reopen_fds()
+        if stuck:
+            # hast._io would reopen these through /proc/self/fd; see privsep.needs_proc_reopen.
+            log.warning(f"Privileges not dropped: direct I/O on descriptor {stuck[0]} needs "
+                        "more than 512-byte alignment.")
+            return
+        # FreeBSD's primary gets its connections from the parent, so it can be jailed
+        # without network; ours connects (and resolves ``remote``) itself: no jail/chroot.
+        chroot_dir = "" if self.role == "primary" else None
+        try:
+            dropped = privsep.drop_privileges(
+                chroot_dir=chroot_dir, hostname=title(self.resource.name, self.role))
+        except privsep.PrivsepError:
+            raise SystemExit(EX_CONFIG) from None
+        if dropped is not None:
+            self.privileges_dropped = True
+            log.info("Privileges successfully dropped.")
 
     def emit(self, event: int) -> None:
         """Tell the parent (which runs the hook) and wait until it has, as FreeBSD does."""
@@ -72,7 +124,12 @@ class WorkerContext:
 
     def serve_control(self, status: Callable[[], nvmod.NV],
                       reload: Callable[[nvmod.NV], int] | None = None) -> threading.Thread:
-        """Answer the parent's STATUS/RELOAD on a daemon thread (FreeBSD's ctrl_thread)."""
+        """Answer the parent's STATUS/RELOAD on a daemon thread (FreeBSD's ctrl_thread).
+
+        A secondary drops its privileges first, as FreeBSD's does right before this thread.
+        """
+        if self.role == "secondary":
+            self.drop_privileges()
 
         def loop() -> None:
             assert self.ctrl is not None
@@ -124,6 +181,11 @@ class WorkerHandle:
     def close(self) -> None:
         for sock in (self.ctrl, self.event):
             sock.close()
+
+
+def worker_drops_privileges(role: str) -> bool:
+    """Whether a worker of ``role`` gives up root on this OS (see the module docstring)."""
+    return role == "secondary" or not privsep.IS_LINUX
 
 
 def title(resource: str, role: str) -> str:
@@ -184,7 +246,7 @@ def _context_from_env() -> WorkerContext:
         debug=spec["debug"], foreground=spec["foreground"], ctrl=sock("ctrl"),
         event=sock("event"), remotein=sock("remotein"), remoteout=sock("remoteout"),
         handshake=nvmod.NV.unpack(bytes.fromhex(handshake)) if handshake else None,
-        version=spec["version"])
+        version=spec["version"], sandbox=True)
 
 
 def _set_comm(name: str) -> None:
