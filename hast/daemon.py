@@ -89,6 +89,7 @@ REPORT_INTERVAL = 5         # main-loop tick: check long-running hooks
 RESTART_DELAY = 1.0         # before restarting a primary worker that died
 STOP_TIMEOUT = 30.0         # py-hast: wait this long for a stopping worker, then SIGKILL
 MAX_PENDING = 128           # py-hast: connections of a kind waiting for their first frame
+RECV_CHUNK = 64 * 1024      # py-hast: a pending connection's nv is read at most this at a time
 _MAXPATHLEN = 1024
 _OPTSTRING = "c:dFhP:"
 _USAGE = "[-dFh] [-c config] [-P pidfile]"
@@ -235,6 +236,10 @@ class FrameReader:
 
     Never reads past the nv: whatever follows belongs to whoever gets the connection next
     (a secondary worker).  The payload announced by ``size``, if any, is left unread.
+
+    Memory follows what the peer actually sent, never what its header announced: the nv
+    size is checked against ``max_nv`` before anything is read, and the body is received in
+    chunks of at most RECV_CHUNK bytes (recv(n) allocates n bytes up front).
     """
 
     def __init__(self, max_nv: int) -> None:
@@ -252,7 +257,7 @@ class FrameReader:
             if self.size is None:
                 want = proto.HEADER_SIZE - len(self.head)
             else:
-                want = self.size - len(self.body)
+                want = min(self.size - len(self.body), RECV_CHUNK)
             try:
                 chunk = sock.recv(want)
             except (BlockingIOError, InterruptedError):

@@ -30,6 +30,8 @@ DEFAULT_PORT = 8457
 MAX_NV_WIRE = 64 * 1024
 # Control replies grow with the number of resources (~1.5 KiB each).
 MAX_NV_CONTROL = 16 * 1024 * 1024
+# Mode of a listening UNIX socket (the control socket): owner (root) only.
+UDS_MODE = 0o600
 
 
 class ProtoError(OSError):
@@ -155,9 +157,15 @@ def listen(addr: str) -> socket.socket:
         except FileNotFoundError:
             pass
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o077)  # the control socket is root-only
+        # The control socket is root-only: created without group/other bits whatever umask
+        # hastd inherited, then 0600 (connect(2) needs write permission on Linux).
+        old = os.umask(0o077)
         try:
             sock.bind(path)
+            os.chmod(path, UDS_MODE)
+        except OSError:
+            sock.close()
+            raise
         finally:
             os.umask(old)
         sock.listen(8)
