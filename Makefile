@@ -21,7 +21,7 @@ USES=		python:3.11+
 USE_PYTHON=	autoplist cython noflavors pep517 pytest
 USE_RC_SUBR=	py_hastd
 
-SUB_FILES=	pkg-message
+SUB_FILES=	hast-switch pkg-message
 SUB_LIST+=	PYTHON_CMD=${PYTHON_CMD}
 
 # Test the staged tree, not the source tree: the source package has no
@@ -64,6 +64,10 @@ post-install:
 		${STAGEDIR}${PREFIX}/etc/hast.conf.sample
 	${INSTALL_DATA} ${FILESDIR}/py-hast.conf.sample \
 		${STAGEDIR}${PREFIX}/etc/py-hast.conf.sample
+	${INSTALL_DATA} ${FILESDIR}/devd-hast.conf.sample \
+		${STAGEDIR}${PREFIX}/etc/devd-hast.conf.sample
+	${INSTALL_DATA} ${FILESDIR}/keepalived-hast.conf.sample \
+		${STAGEDIR}${PREFIX}/etc/keepalived-hast.conf.sample
 	${INSTALL_MAN} ${WRKSRC}/man/hast.conf.5 ${WRKSRC}/man/py-hast.conf.5 \
 		${STAGEDIR}${PREFIX}/share/man/man5
 	${INSTALL_MAN} ${WRKSRC}/man/hastctl.8 ${WRKSRC}/man/hastd.8 \
