@@ -68,6 +68,8 @@ post-install:
 		${STAGEDIR}${PREFIX}/etc/devd-hast.conf.sample
 	${INSTALL_DATA} ${FILESDIR}/keepalived-hast.conf.sample \
 		${STAGEDIR}${PREFIX}/etc/keepalived-hast.conf.sample
+	${INSTALL_SCRIPT} ${WRKDIR}/hast-switch \
+		${STAGEDIR}${PREFIX}/sbin/hast-switch
 	${INSTALL_MAN} ${WRKSRC}/man/hast.conf.5 ${WRKSRC}/man/py-hast.conf.5 \
 		${STAGEDIR}${PREFIX}/share/man/man5
 	${INSTALL_MAN} ${WRKSRC}/man/hastctl.8 ${WRKSRC}/man/hastd.8 \

@@ -304,6 +304,11 @@ def staged(dist: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> d
     # the layout the port's RECORD rewrite (and python.mk's) relies on
     assert os.path.relpath(f"{prefix}/bin", sitelib) == "../../../bin", sitelib
     stage = root / "stage"
+    wrkdir = root / "wrkdir"
+    wrkdir.mkdir()
+    # what the framework does with SUB_FILES: files/X.in, %%PLACEHOLDERS%% substituted
+    (wrkdir / "hast-switch").write_text(
+        (REPO / "files" / "hast-switch.in").read_text().replace("%%PREFIX%%", prefix))
     variables = {
         "STAGEDIR": str(stage), "PREFIX": prefix, "PYTHON_CMD": sys.executable,
         "PYTHONPREFIX_SITELIBDIR": sitelib, "WRKSRC": str(wrksrc),
@@ -311,6 +316,7 @@ def staged(dist: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> d
         "FILESDIR": str(REPO / "files"), "MKDIR": "mkdir -p", "MV": "mv", "RM": "rm -f",
         "REINPLACE_CMD": "sed -i.bak", "FIND": "find", "STRIP_CMD": strip, "SETENV": "env",
         "MAKE_ENV": "", "INSTALL_DATA": "install -m 0644", "INSTALL_MAN": "install -m 0444",
+        "INSTALL_SCRIPT": "install -m 0555", "WRKDIR": str(wrkdir),
     }
     res = run([bmake, "-m", str(mk), "-f", str(REPO / "Makefile"),
                *(f"{k}={v}" for k, v in variables.items()),
