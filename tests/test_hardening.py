@@ -341,6 +341,7 @@ def test_oversized_nv_is_refused_before_allocation() -> None:
         a, b = socket.socketpair()
         with a, b:
             a.sendall(proto.HEADER.pack(2, 256 * MiB) + b"\x00" * 64)
+            a.shutdown(socket.SHUT_WR)        # nothing more: never wait for 256 MiB
             errs: list[int] = []
 
             def recv(sock: socket.socket = b, limit: int = max_nv,
@@ -397,7 +398,7 @@ def test_secondary_refuses_oversized_requests_before_allocation(
     with c1, c2:
         recv_frame(c1)                                          # step 3
         counting.sizes.clear()
-        huge = 1 << 40
+        huge = 64 * MiB                     # inside the data area, 64 x MAXPHYS
         replies: list[nvmod.NV] = []
 
         def refused() -> None:
