@@ -61,8 +61,9 @@ class CycleResult:
 
 
 class Cycle:
-    def __init__(self, plan: faults.Plan, root: Path, totals: Totals) -> None:
+    def __init__(self, plan: faults.Plan, root: Path, totals: Totals, keep: bool = False) -> None:
         self.plan = plan
+        self.keep = keep
         self.totals = totals
         self.workdir = root / f"cycle-{plan.cycle}"
         self.result = CycleResult(plan)
@@ -127,15 +128,14 @@ class Cycle:
         """torture.checker's async bound for writes acknowledged by ``node`` until t_fault."""
         assert self.pair is not None
         n = self.pair.node(node)
-        maxima = []
+        capacity = checker.MAX_REQUEST
         for name in ("tcp_wmem", "tcp_rmem"):
             text = n.run("cat", f"/proc/sys/net/ipv4/{name}", timeout=30).stdout.split()
-            maxima.append(int(text[2]))
-        acked = sum(r.length for r in self.history.writes.values()
-                    if r.node == node and r.state == ACKED and r.t_ack is not None
-                    and r.t_ack <= t_fault)
-        rate = acked / max(t_fault - self.t_load, 0.001)
-        return checker.async_loss_window(maxima[0], maxima[1], rate)
+            capacity += int(text[2])
+        acked = [(r.t_ack, r.length) for r in self.history.writes.values()
+                 if r.node == node and r.state == ACKED and r.t_ack is not None
+                 and r.t_ack <= t_fault]
+        return checker.async_loss_window(capacity, acked, t_fault)
 
     def wait_complete(self, node: str, what: str) -> bool:
         assert self.pair is not None
@@ -223,7 +223,7 @@ class Cycle:
             if self.pair is not None:
                 self.pair.close()
             self.result.seconds = time.monotonic() - t0
-            if self.result.violations:
+            if self.result.violations or self.keep:
                 self.result.workdir = self.workdir
             else:
                 shutil.rmtree(self.workdir, ignore_errors=True)

@@ -150,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n in range(args.cycle, args.cycle + args.cycles):
             plan = faults.make_plan(seed, n, args.modes, args.faults)
-            res = Cycle(plan, root, totals).run()
-            if args.keep and res.workdir is None:
-                res.workdir = root / f"cycle-{n}"
+            res = Cycle(plan, root, totals, keep=args.keep).run()
             results.append(res)
             print(line(res), flush=True)
             if res.violations and args.stop_on_violation:
