@@ -17,7 +17,7 @@ cflags = ["-O3"] if not os.environ.get("HAST_DEBUG") else ["-O0", "-g"]
 extensions = [
     Extension(f"hast.{name}", [f"hast/{name}.pyx"], include_dirs=["hast"],
               extra_compile_args=cflags)
-    for name in ("_bitmap", "_io", "_codec")
+    for name in ("_bitmap", "_io", "_codec", "_wire", "_aio")
 ]
 if sys.platform.startswith("freebsd"):
     # GEOM Gate frontend (/dev/hast/<name>); its ABI header is hast/ggate.h.

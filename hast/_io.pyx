@@ -34,7 +34,7 @@ from cpython.buffer cimport (
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport uint64_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 
 # Alignment of the bounce buffers: a multiple of every logical block size we meet (512, 4K).
 cdef enum:
@@ -416,6 +416,41 @@ def delete(int fd, uint64_t offset, uint64_t length):
             err = errno
     if r != 0:
         _raise(err)
+
+
+def changed_runs(old, new, Py_ssize_t sector):
+    """Byte ranges [(start, end), ...] of whole sectors where new differs from old.
+
+    What a partial rewrite of an on-disk image (the activemap) has to write: runs of
+    adjacent changed sectors are merged, the last run ends at len(new).  old shorter than
+    new counts as different beyond its end.
+    """
+    cdef Py_buffer a, b
+    cdef Py_ssize_t pos = 0, n, run = -1, cmp_len
+    cdef list out = []
+    if sector <= 0:
+        raise ValueError("sector must be positive")
+    PyObject_GetBuffer(old, &a, PyBUF_SIMPLE)
+    try:
+        PyObject_GetBuffer(new, &b, PyBUF_SIMPLE)
+        try:
+            while pos < b.len:
+                n = min(sector, b.len - pos)
+                cmp_len = min(n, a.len - pos) if a.len > pos else 0
+                if cmp_len == n and memcmp(<char *>a.buf + pos, <char *>b.buf + pos, n) == 0:
+                    if run >= 0:
+                        out.append((run, pos))
+                        run = -1
+                elif run < 0:
+                    run = pos
+                pos += n
+            if run >= 0:
+                out.append((run, b.len))
+        finally:
+            PyBuffer_Release(&b)
+    finally:
+        PyBuffer_Release(&a)
+    return out
 
 
 def lock_exclusive(int fd):
