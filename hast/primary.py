@@ -29,19 +29,21 @@ error.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import secrets
-import select
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from hast import _io, log, metadata, pipeline, proto, settings
+from hast import _aio, _io, _wire, log, metadata, pipeline, proto, settings
 from hast import nv as nvmod
+from hast._codec import is_zero
 from hast.activemap import ActiveMap
 from hast.rangelock import RangeLocks
 from hast.sysexits import EX_CONFIG, EX_NOINPUT, EX_TEMPFAIL
@@ -61,6 +63,14 @@ HAST_KEEPALIVE = 10
 HAST_HIO_MAX = 256
 SPLIT_BRAIN = "Split-brain condition!"
 LOCAL_THREADS = 4
+# Replies are read through a buffer of this size: at queue depth N one recv() brings many
+# replies instead of two recv() calls each.  READ payloads bypass it.
+READ_AHEAD = 256 * 1024
+# The reply socket wakes its reader this often (SO_RCVTIMEO) to check for a stalled peer.
+RECV_POLL = 1
+# Flags of preadv2/pwritev2 (Linux); absent elsewhere, and the code then does without.
+RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)
 
 
 
@@ -68,7 +78,8 @@ class HIO:
     """One request in flight (FreeBSD's struct hio)."""
 
     __slots__ = ("cmd", "offset", "length", "buf", "done", "mode", "countdown", "errors",
-                 "acked", "local_done", "received", "lockkey", "sync", "fua", "event")
+                 "acked", "local_done", "received", "lockkey", "sync", "fua", "event",
+                 "mapgen")
 
     def __init__(self, cmd: int, offset: int, length: int, buf: memoryview | None,
                  done, mode: str = "fullsync", sync: bool = False) -> None:
@@ -87,6 +98,7 @@ class HIO:
         self.sync = sync
         self.fua = False
         self.event: threading.Event | None = None
+        self.mapgen = 0               # the activemap image that must be on disk first
 
 
 @dataclass
@@ -116,34 +128,324 @@ class Connection:
     last_send: float = field(default_factory=time.monotonic)
 
 
+def _set_timeouts(sock: socket.socket, recv: float, send: float) -> None:
+    """Kernel deadlines (SO_RCVTIMEO/SO_SNDTIMEO) on a blocking socket.
+
+    A Python-level timeout would poll() before every send and recv; the kernel's deadline
+    costs nothing per call.  A recv that times out raises BlockingIOError or TimeoutError.
+    """
+    sock.settimeout(None)
+    try:
+        for opt, secs in ((socket.SO_RCVTIMEO, recv), (socket.SO_SNDTIMEO, send)):
+            whole = int(secs)
+            sock.setsockopt(socket.SOL_SOCKET, opt,
+                            struct.pack("@ll", whole, int((secs - whole) * 1e6)))
+    except OSError:
+        sock.settimeout(max(recv, send))
+
+
+class MapWriter:
+    """The activemap's on-disk image, written once for every write waiting on it.
+
+    A WRITE may be dispatched only once the dirty bit of each extent it touches is on disk
+    (the map is what the next synchronization trusts).  FreeBSD writes the map and flushes
+    the disk cache in the request path, one write at a time.  Here a write whose bits are
+    not yet on disk waits in ``waiting`` (tagged with the generation of the in-memory map
+    that holds its bits) and the writer thread stores one image for all of them, then
+    dispatches them: at queue depth N one map write covers up to N requests (group commit).
+
+    Images are taken and written under ``lock``, so the disk only ever goes forward from
+    one consistent in-memory state to a later one.  Only the sectors that changed are
+    written, through an O_DIRECT descriptor with RWF_DSYNC when ``metaflush`` is on: a
+    durable write of the map alone, where fdatasync() on the buffered provider would also
+    write back every dirty data page.  Without O_DIRECT or RWF_DSYNC (FreeBSD, or a file
+    system refusing O_DIRECT) it is FreeBSD's way: the whole image, then a cache flush.
+    Clearing bits (write_complete) is never urgent -- a bit left set only costs a needless
+    resync -- so it rides along with the next write of the image.
+    """
+
+    def __init__(self, primary: Primary) -> None:
+        self.primary = primary
+        self.amap = primary.amap
+        self.shift = primary.extentsize.bit_length() - 1
+        self.size = self.amap.ondisk_size()
+        self.sector = primary.sectorsize
+        self.lock = threading.Lock()            # snapshot + write, in order
+        self.cv = threading.Condition(threading.Lock())   # the fields below
+        self.dirty_gen = 0                      # bumped when the in-memory image gains bits
+        self.written_gen = 0                    # the generation last written
+        self.waiting: list[HIO] = []
+        self.clean_pending = False
+        self.stopping = False
+        self.ondisk = bytes(self.size)          # the image last written
+        self.image = _io.AlignedBuffer(max(self.size, 4096))
+        self.fd = -1
+        if RWF_DSYNC and _io.O_DIRECT_SUPPORTED and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(primary.res.local, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError:
+                self.fd = -1
+        self.thread = threading.Thread(target=self._run, name="activemap", daemon=True)
+        self.thread.start()
+
+    def loaded(self, image: bytes) -> None:
+        """The image read from disk at start-up (what is on disk now)."""
+        self.ondisk = bytes(image[:self.size]).ljust(self.size, b"\0")
+
+    def covered(self, offset: int, length: int) -> bool:
+        """Every extent of [offset, offset+length) is dirty in the image on disk (cv held)."""
+        ondisk = self.ondisk
+        shift = self.shift
+        for ext in range(offset >> shift, ((offset + length - 1) >> shift) + 1):
+            if not (ondisk[ext >> 3] >> (ext & 7)) & 1:
+                return False
+        return True
+
+    def write_start(self, hio: HIO) -> bool:
+        """Mark hio's extents dirty; True: dispatch hio now, False: it waits and the writer
+        thread dispatches it once its bits are on disk."""
+        with self.cv:
+            if self.amap.write_start(hio.offset, hio.length):
+                self.dirty_gen += 1
+            elif self.written_gen >= self.dirty_gen or self.covered(hio.offset, hio.length):
+                return True
+            hio.mapgen = self.dirty_gen
+            if self.waiting or self.primary.inflight > 1:
+                self.waiting.append(hio)
+                if len(self.waiting) == 1:
+                    self.cv.notify()
+                return False
+        # Nothing else in flight (queue depth 1): writing the image here saves a hand-off
+        # to the writer thread and back; under load the writer thread batches instead.
+        self.flush(update=True)
+        return True
+
+    def write_complete(self, offset: int, length: int) -> None:
+        with self.cv:
+            if self.amap.write_complete(offset, length):
+                self.clean_pending = True
+                self.cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.waiting and not self.clean_pending and not self.stopping:
+                    self.cv.wait()
+                if self.stopping and not self.waiting:
+                    return
+            self.flush(update=True)
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+        self.thread.join(10)
+
+    def flush(self, update: bool = False) -> None:
+        """Write the current image; then dispatch every write it covers (in this thread)."""
+        p = self.primary
+        with self.lock:
+            with self.cv:
+                gen = self.dirty_gen
+                self.clean_pending = False
+                image = self.amap.bitmap()
+            if update:
+                p.stats.activemap_update += 1
+            self._store(image)
+            with self.cv:
+                self.written_gen = max(self.written_gen, gen)
+                if not self.waiting:
+                    return
+                ready = [h for h in self.waiting if h.mapgen <= gen]
+                if len(ready) == len(self.waiting):
+                    self.waiting = []
+                else:
+                    self.waiting = [h for h in self.waiting if h.mapgen > gen]
+        p.dispatch_writes(ready)
+
+    def _store(self, image: bytes) -> None:
+        p = self.primary
+        if self.fd >= 0:
+            try:
+                self._store_direct(image)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    p.stats.write_error += 1
+                    log.error("Unable to flush activemap to disk", err=exc.errno)
+                    return
+                # The file system wants another alignment: FreeBSD's way from now on.
+                os.close(self.fd)
+                self.fd = -1
+        try:
+            _io.pwrite(p.mdfd, image, metadata.METADATA_SIZE)
+        except OSError as exc:
+            p.stats.write_error += 1
+            log.error("Unable to flush activemap to disk", err=exc.errno)
+            return
+        self.ondisk = image
+        if p.res.metaflush:
+            try:
+                _io.flush(p.mdfd)
+            except OSError as exc:
+                if exc.errno == errno.EOPNOTSUPP:
+                    log.warning(f"The {p.res.local} provider doesn't support flushing "
+                                "write cache. Disabling it.")
+                    p.res.metaflush = False
+                else:
+                    p.stats.flush_error += 1
+                    log.error("Unable to flush disk cache on activemap update",
+                              err=exc.errno)
+
+    def _store_direct(self, image: bytes) -> None:
+        old, sector = self.ondisk, self.sector
+        view = memoryview(self.image)
+        view[:self.size] = image
+        flags = RWF_DSYNC if self.primary.res.metaflush else 0
+        runs = _io.changed_runs(old, image, sector)
+        for start, end in runs:
+            n = os.pwritev(self.fd, [view[start:end]], metadata.METADATA_SIZE + start, flags)
+            if n != end - start:
+                raise OSError(errno.EIO, "short activemap write")
+        self.ondisk = image
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class LocalDisk:
     """The local component: a pool of threads doing provider I/O with the GIL released."""
 
-    def __init__(self, primary: Primary, fd: int, localoff: int, nthreads: int) -> None:
+    def __init__(self, primary: Primary, fd: int, localoff: int, nthreads: int,
+                 buffered: bool = False) -> None:
         self.primary = primary
         self.fd = fd
         self.localoff = localoff
         self.flush_supported = True
+        # On a buffered descriptor a WRITE is a copy into the page cache and a READ that
+        # hits the cache (RWF_NOWAIT) is a copy out of it: both run in the submitting thread,
+        # where a hand-off to the pool would cost more than the copy.  O_DIRECT I/O, FLUSH,
+        # DELETE and reads that would wait for the disk go to the pool.
+        self.inline_writes = buffered
+        self.inline_reads = buffered and bool(RWF_NOWAIT)
+        # On an O_DIRECT descriptor READ and WRITE go through Linux native AIO: submitted
+        # from the requesting thread without blocking, completed in batches by one reaper.
+        self.align = primary.sectorsize
+        self.ring: _aio.Ring | None = None
+        self.stopping = False
+        if not buffered and _aio.AVAILABLE:
+            try:
+                self.ring = _aio.Ring(2 * HAST_HIO_MAX)
+            except OSError as exc:
+                log.debug(1, f"No native AIO ({exc}); using threads.")
         self.queue: deque[HIO | None] = deque()
         self.cond = threading.Condition()
         self.threads = [threading.Thread(target=self._run, name=f"local{i}", daemon=True)
                         for i in range(nthreads)]
+        if self.ring is not None:
+            self.threads.append(threading.Thread(target=self._reap, name="local_aio",
+                                                 daemon=True))
         for thread in self.threads:
             thread.start()
 
     def submit(self, hio: HIO) -> None:
+        cmd = hio.cmd
+        if cmd == HIO_WRITE and self.inline_writes:
+            self.primary.local_done(hio, self.execute(hio))
+            return
+        ring = self.ring
+        if ring is not None and (cmd == HIO_WRITE or cmd == HIO_READ):
+            try:
+                if ring.submit(hio, _aio.WRITE if cmd == HIO_WRITE else _aio.READ, self.fd,
+                               hio.buf, self.localoff + hio.offset, self.align):
+                    return
+            except OSError:
+                pass                            # ring full or refused: the pool does it
+        if cmd == HIO_READ and self.inline_reads:
+            try:
+                got = os.preadv(self.fd, [hio.buf], self.localoff + hio.offset, RWF_NOWAIT)
+            except BlockingIOError:
+                got = -1                        # not cached: the pool waits for the disk
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    self.inline_reads = False
+                got = -1
+            if got == hio.length:
+                self.primary.local_done(hio, 0)
+                return
+        with self.cond:
+            self.queue.append(hio)
+            self.cond.notify()
+
+    def submit_many(self, hios: list[HIO]) -> None:
+        """submit() of several: one io_submit for what goes through AIO."""
+        ring = self.ring
+        if ring is None or self.inline_writes:
+            for hio in hios:
+                self.submit(hio)
+            return
+        ops = []
+        for hio in hios:
+            if hio.cmd == HIO_WRITE or hio.cmd == HIO_READ:
+                ops.append((hio, _aio.WRITE if hio.cmd == HIO_WRITE else _aio.READ, self.fd,
+                            hio.buf, self.localoff + hio.offset))
+            else:
+                self._queue(hio)
+        try:
+            refused = ring.submit_many(ops, self.align)
+        except OSError:
+            refused = [op[0] for op in ops]
+        for hio in refused:
+            self._queue(hio)
+
+    def _queue(self, hio: HIO) -> None:
         with self.cond:
             self.queue.append(hio)
             self.cond.notify()
 
     def stop(self) -> None:
+        self.stopping = True
         with self.cond:
             for _ in self.threads:
                 self.queue.append(None)
             self.cond.notify_all()
 
+    def _reap(self) -> None:
+        ring = self.ring
+        assert ring is not None
+        primary = self.primary
+        while not (self.stopping and not len(ring)):
+            try:
+                done = ring.reap(1, 1.0)
+            except OSError as exc:
+                log.error("Unable to reap local I/O", err=exc.errno)
+                return
+            for hio, res in done:
+                if res == hio.length:
+                    err = 0
+                elif res < 0:
+                    err = -res
+                else:
+                    err = self._finish_short(hio, res)
+                primary.local_done(hio, err)
+
+    def _finish_short(self, hio: HIO, done: int) -> int:
+        """An AIO transfer stopped after ``done`` bytes: the rest synchronously."""
+        assert hio.buf is not None
+        view = memoryview(hio.buf)[done:]
+        try:
+            if hio.cmd == HIO_WRITE:
+                _io.pwrite(self.fd, view, self.localoff + hio.offset + done)
+                return 0
+            got = _io.pread(self.fd, view, self.localoff + hio.offset + done)
+            return 0 if got == len(view) else errno.EIO
+        except OSError as exc:
+            return exc.errno or errno.EIO
+
     def __len__(self) -> int:
-        return len(self.queue)
+        return len(self.queue) + (len(self.ring) if self.ring is not None else 0)
 
     def _run(self) -> None:
         while True:
@@ -181,6 +483,70 @@ class LocalDisk:
         return errno.EINVAL
 
 
+_RECEIVED_BIT = 128   # hast._wire's F_RECEIVED
+_IOV_BATCH = 512      # buffers per sendmsg (IOV_MAX is 1024)
+
+
+def _send_rest(sock: socket.socket, parts: list, sent: int) -> None:
+    """Send parts, of which a sendmsg() already sent ``sent`` bytes (any number of parts)."""
+    views = []
+    for part in parts:
+        view = memoryview(part).cast("B")
+        if sent >= view.nbytes:
+            sent -= view.nbytes
+            continue
+        views.append(view[sent:])
+        sent = 0
+    for start in range(0, len(views), _IOV_BATCH):
+        proto.sendall_parts(sock, views[start:start + _IOV_BATCH])
+
+
+class _ReplyReader:
+    """Connection #2 through a read-ahead buffer: frames are parsed in place (hast._wire),
+    payloads are copied out of what was read ahead and the rest is received directly."""
+
+    def __init__(self, sock: socket.socket, size: int = READ_AHEAD) -> None:
+        self.sock = sock
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+
+    def fill(self) -> None:
+        """One recv() into the free space (after moving a partial frame to the front)."""
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif self.end == len(self.buf) or self.start > len(self.buf) // 2:
+            n = self.end - self.start
+            self.view[:n] = self.view[self.start:self.end]
+            self.start, self.end = 0, n
+        got = self.sock.recv_into(self.view[self.end:])
+        if got == 0:
+            raise proto.ProtoError(errno.ENOTCONN, "Connection closed by peer")
+        self.end += got
+
+    def into(self, dest: memoryview) -> None:
+        n = min(len(dest), self.end - self.start)
+        if n:
+            dest[:n] = self.view[self.start:self.start + n]
+            self.start += n
+        if n < len(dest):
+            try:
+                proto.recv_exact_into(self.sock, dest[n:])
+            except BlockingIOError:
+                raise proto.ProtoError(errno.ETIMEDOUT, "Operation timed out") from None
+
+    def skip(self, size: int) -> None:
+        n = min(size, self.end - self.start)
+        self.start += n
+        size -= n
+        scratch = memoryview(bytearray(min(size, 1 << 20))) if size else None
+        while size:
+            chunk = min(size, len(scratch))
+            self.into(scratch[:chunk])
+            size -= chunk
+
+
 class Primary:
     """Runtime state of one resource acting as primary."""
 
@@ -205,7 +571,7 @@ class Primary:
         self.syncsrc = SYNCSRC_UNDEF
         self.peer_localcnt = 0
         self.peer_remotecnt = 0
-        self.seq = 0
+        self._seq = itertools.count(1)
         self.inflight = 0
         self.last_attempt = 0.0
         self._open_local()
@@ -251,12 +617,15 @@ class Primary:
                               self.maxio)
         image = os.pread(self.mdfd, self.amap.ondisk_size(), metadata.METADATA_SIZE)
         self.amap.copyin(image)
+        self.mapw = MapWriter(self)
+        self.mapw.loaded(image)
         if self.resuid == 0:
             # Used for the first time: counters start at zero; the resuid is chosen at the
             # first handshake so the secondary learns that nothing needs synchronizing.
             self.localcnt = self.remotecnt = 0
             self.write_metadata()
-        self.local = LocalDisk(self, fd, self.localoff, LOCAL_THREADS)
+        self.local = LocalDisk(self, fd, self.localoff, LOCAL_THREADS,
+                               buffered=not self.direct)
 
     def write_metadata(self) -> None:
         with self.md_lock:
@@ -270,35 +639,12 @@ class Primary:
                 log.error(f"Unable to update metadata: {exc}")
 
     def flush_map(self, update: bool = False) -> None:
-        """Write the bitmap image (and flush the cache with metaflush), as FreeBSD does."""
-        with self.map_lock:
-            image = self.amap.bitmap()
-            if update:
-                self.stats.activemap_update += 1
-            try:
-                _io.pwrite(self.mdfd, image, metadata.METADATA_SIZE)
-            except OSError as exc:
-                self.stats.write_error += 1
-                log.error("Unable to flush activemap to disk", err=exc.errno)
-                return
-            if self.res.metaflush:
-                try:
-                    _io.flush(self.mdfd)
-                except OSError as exc:
-                    if exc.errno == errno.EOPNOTSUPP:
-                        log.warning(f"The {self.res.local} provider doesn't support flushing "
-                                    "write cache. Disabling it.")
-                        self.res.metaflush = False
-                    else:
-                        self.stats.flush_error += 1
-                        log.error("Unable to flush disk cache on activemap update",
-                                  err=exc.errno)
+        """Write the bitmap image now (and flush the cache with metaflush), as FreeBSD does."""
+        self.mapw.flush(update)
 
     # -- submission (frontend and sync) ------------------------------------------------
     def next_seq(self) -> int:
-        with self.lock:
-            self.seq += 1
-            return self.seq
+        return next(self._seq)   # atomic: itertools.count is one C call under the GIL
 
     @property
     def connected(self) -> bool:
@@ -321,13 +667,32 @@ class Primary:
         self.stats.write += 1
         hio = HIO(HIO_WRITE, offset, length, buf, done, "fullsync" if fua else self.mode)
         hio.fua = fua
-        with self.lock:
-            if self.resuid == 0 and self.localcnt == 0:
-                self.localcnt = 1  # first write ever (made persistent at the handshake)
+        if self.localcnt == 0:
+            with self.lock:
+                if self.resuid == 0 and self.localcnt == 0:
+                    self.localcnt = 1  # first write ever (made persistent at the handshake)
         hio.lockkey = self.ranges.lock_regular(offset, length)
-        if self.amap.write_start(offset, length):
-            self.flush_map(update=True)
-        self._dispatch_both(hio)
+        self._track(1)
+        if self.mapw.write_start(hio):
+            self.dispatch_write(hio)
+        # else: dispatched by the map writer once its extents are dirty on disk
+
+    def dispatch_write(self, hio: HIO) -> None:
+        """Both components of a WRITE whose extents are dirty on disk: remote first, so the
+        round trip overlaps the local write."""
+        hio.countdown = 2
+        self.remote_send(hio)
+        self.local.submit(hio)
+
+    def dispatch_writes(self, hios: list[HIO]) -> None:
+        """dispatch_write() of several: one sendmsg to the peer, one io_submit locally."""
+        if len(hios) == 1:
+            self.dispatch_write(hios[0])
+            return
+        for hio in hios:
+            hio.countdown = 2
+        self.remote_send_many(hios)
+        self.local.submit_many(hios)
 
     def submit_delete(self, offset: int, length: int, done) -> None:
         self.stats.delete += 1
@@ -342,8 +707,8 @@ class Primary:
     def _dispatch_both(self, hio: HIO) -> None:
         hio.countdown = 2
         self._track(1)
-        self.local.submit(hio)
         self.remote_send(hio)
+        self.local.submit(hio)
 
     def _track(self, delta: int) -> None:
         with self.lock:
@@ -425,8 +790,7 @@ class Primary:
                        HIO_DELETE: "delete_error", HIO_FLUSH: "flush_error"}[hio.cmd]
             setattr(self.stats, counter, getattr(self.stats, counter) + 1)
         if hio.cmd == HIO_WRITE and not hio.sync:
-            if self.amap.write_complete(hio.offset, hio.length):
-                self.flush_map(update=True)
+            self.mapw.write_complete(hio.offset, hio.length)
         if hio.lockkey is not None:
             self.ranges.unlock_regular(hio.lockkey)
         if not hio.sync:
@@ -445,17 +809,8 @@ class Primary:
         if conn is None or not conn.up:
             self.remote_done(hio, errno.ENOTCONN)
             return
-        seq = self.next_seq()
-        msg = nvmod.NV().add_uint8("cmd", hio.cmd).add_uint64("seq", seq)
-        if hio.cmd == HIO_FLUSH:
-            msg.add_uint64("offset", 0).add_uint64("length", 0)
-        else:
-            msg.add_uint64("offset", hio.offset).add_uint64("length", hio.length)
-        payload = None
-        if hio.cmd == HIO_WRITE:
-            if hio.mode == "memsync" and conn.version >= 2 and not hio.sync:
-                msg.add_uint8("memsync", 1)
-            payload = pipeline.encode(msg, hio.buf, self.res.compression, self.res.checksum)
+        seq = next(self._seq)
+        frame, payload = self._frame(conn, hio, seq)
         with conn.lock:
             if not conn.up:
                 failed = True
@@ -467,71 +822,185 @@ class Primary:
             return
         try:
             with conn.send_lock:
-                proto.send_frame(conn.out, conn.version, msg, payload)
+                sock = conn.out
+                if payload is None or not len(payload):
+                    sock.sendall(frame)
+                else:
+                    total = len(frame) + memoryview(payload).nbytes
+                    sent = sock.sendmsg([frame, payload])
+                    if sent != total:
+                        _send_rest(sock, [frame, payload], sent)
                 conn.last_send = time.monotonic()
         except OSError as exc:
             log.error(f"Unable to send request (seq={seq})", err=exc.errno or errno.EIO)
             self.disconnect(conn)
 
+    def remote_send_many(self, hios: list[HIO]) -> None:
+        """remote_send() of several requests in one sendmsg."""
+        conn = self.conn
+        if conn is None or not conn.up:
+            for hio in hios:
+                self.remote_done(hio, errno.ENOTCONN)
+            return
+        parts: list = []
+        seqs: list[int] = []
+        total = 0
+        with conn.lock:
+            up = conn.up
+            if up:
+                for hio in hios:
+                    seq = next(self._seq)
+                    frame, payload = self._frame(conn, hio, seq)
+                    conn.pending[seq] = hio
+                    seqs.append(seq)
+                    parts.append(frame)
+                    total += len(frame)
+                    if payload is not None and len(payload):
+                        parts.append(payload)
+                        total += memoryview(payload).nbytes
+        if not up:
+            for hio in hios:
+                self.remote_done(hio, errno.ENOTCONN)
+            return
+        try:
+            with conn.send_lock:
+                sock = conn.out
+                if len(parts) <= _IOV_BATCH:
+                    sent = sock.sendmsg(parts)
+                    if sent != total:
+                        _send_rest(sock, parts, sent)
+                else:
+                    _send_rest(sock, parts, 0)
+                conn.last_send = time.monotonic()
+        except OSError as exc:
+            log.error(f"Unable to send request (seq={seqs[0]}..{seqs[-1]})",
+                      err=exc.errno or errno.EIO)
+            self.disconnect(conn)
+
+    def _frame(self, conn: Connection, hio: HIO, seq: int) -> tuple[bytes, object]:
+        """Header + nv of hio's request with sequence number seq, and its payload."""
+        cmd = hio.cmd
+        payload = None
+        if cmd == HIO_WRITE:
+            memsync = hio.mode == "memsync" and conn.version >= 2 and not hio.sync
+            payload = hio.buf
+            comp = self.res.compression
+            if self.res.checksum == "none" and (
+                    comp == "none" or (comp == "hole" and (hio.length < 4
+                                                           or not is_zero(payload)))):
+                # the pipeline leaves this payload alone: only `size` is added
+                frame = _wire.encode_request(conn.version, cmd, seq, hio.offset, hio.length,
+                                             memsync, hio.length)
+            else:
+                msg = nvmod.NV().add_uint8("cmd", cmd).add_uint64("seq", seq)
+                msg.add_uint64("offset", hio.offset).add_uint64("length", hio.length)
+                if memsync:
+                    msg.add_uint8("memsync", 1)
+                payload = pipeline.encode(msg, payload, comp, self.res.checksum)
+                blob = msg.pack()
+                frame = proto.HEADER.pack(conn.version, len(blob)) + blob
+        elif cmd == HIO_FLUSH:
+            frame = _wire.encode_request(conn.version, cmd, seq, 0, 0)
+        else:
+            frame = _wire.encode_request(conn.version, cmd, seq, hio.offset, hio.length)
+        return frame, payload
+
     def _receiver(self, conn: Connection) -> None:
-        sock = conn.inn
+        rd = _ReplyReader(conn.inn)
         timeout = self.res.timeout
         waiting_since: float | None = None
+        parse = _wire.parse_frame
+        incomplete, fast = _wire.INCOMPLETE, _wire.FAST
         try:
             while conn.up:
-                ready, _, _ = select.select([sock], [], [], 1.0)
-                if not ready:
-                    with conn.lock:
-                        busy = bool(conn.pending)
-                    if not busy:
-                        waiting_since = None
+                r = parse(rd.buf, rd.start, rd.end, False)
+                version, nvsize = r[1], r[2]
+                if version > proto.PROTO_VERSION:
+                    raise proto.ProtoError(errno.EPROTO,
+                                           f"Unsupported protocol version {version}")
+                if nvsize > proto.MAX_NV_WIRE:
+                    raise proto.ProtoError(errno.EMSGSIZE,
+                                           f"nv blob of {nvsize} bytes exceeds "
+                                           f"{proto.MAX_NV_WIRE}")
+                if r[0] == incomplete:
+                    try:
+                        rd.fill()
+                    except (BlockingIOError, TimeoutError, InterruptedError):
+                        # SO_RCVTIMEO: nothing for RECV_POLL seconds
+                        with conn.lock:
+                            busy = bool(conn.pending)
+                        if not busy:
+                            waiting_since = None
+                            continue
+                        now = time.monotonic()
+                        waiting_since = waiting_since or now
+                        if now - waiting_since >= timeout:
+                            raise proto.ProtoError(errno.ETIMEDOUT,
+                                                   "Operation timed out") from None
                         continue
-                    now = time.monotonic()
-                    waiting_since = waiting_since or now
-                    if now - waiting_since >= timeout:
-                        raise proto.ProtoError(errno.ETIMEDOUT, "Operation timed out")
+                    waiting_since = None
                     continue
-                waiting_since = None
-                _version, msg = proto.recv_frame(sock)
-                self._reply(conn, msg)
+                begin = rd.start + proto.HEADER_SIZE
+                rd.start = begin + nvsize
+                if r[0] == fast:
+                    self._reply(conn, rd, None, r[5], r[9], bool(r[3] & _RECEIVED_BIT), r[8])
+                    continue
+                if nvsize == 0:
+                    msg = nvmod.NV()
+                else:
+                    try:
+                        msg = nvmod.NV.unpack(rd.view[begin:begin + nvsize])
+                    except nvmod.NVError as exc:
+                        raise proto.ProtoError(errno.EINVAL, f"Malformed nv: {exc}") from None
+                self._reply(conn, rd, msg, msg.get_uint64("seq"), msg.get_int16("error"),
+                            msg.exists("received"), msg.get_uint32("size"))
         except (OSError, pipeline.PipelineError, ValueError) as exc:
             if conn.up and not self.stopping.is_set():
                 text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 log.error(f"Unable to receive reply header: {text}.")
             self.disconnect(conn)
 
-    def _reply(self, conn: Connection, msg: nvmod.NV) -> None:
-        seq = msg.get_uint64("seq")
-        size = msg.get_uint32("size")
-        with conn.lock:
-            hio = conn.pending.get(seq)
+    def _reply(self, conn: Connection, rd: _ReplyReader, msg: nvmod.NV | None, seq: int,
+               err: int, received: bool, size: int) -> None:
+        """One reply; msg is None when it carries only seq/error/received/size."""
+        hio = conn.pending.get(seq)
         if hio is None:
             if size:
                 if size > self.maxio + 64:
                     raise proto.ProtoError(errno.EINVAL, f"Reply with absurd size {size}")
-                proto.recv_exact(conn.inn, size)
+                rd.skip(size)
             log.debug(2, f"Reply for unknown seq {seq} ignored.")
             return
-        err = msg.get_int16("error")
         if hio.cmd == HIO_READ and err == 0:
-            self._read_payload(conn, msg, hio)
+            self._read_payload(rd, msg, size, hio)
         elif size:
-            proto.recv_exact(conn.inn, pipeline.payload_size(msg, hio.length or 4))
-        if msg.exists("received") and hio.cmd == HIO_WRITE:
+            limit = hio.length or 4
+            if size > limit:
+                raise pipeline.PipelineError(
+                    f"Payload size ({size}) exceeds the expected maximum ({limit}).")
+            rd.skip(size)
+        if received and hio.cmd == HIO_WRITE:
             self.remote_done(hio, 0, received_only=True)
             return
         with conn.lock:
             conn.pending.pop(seq, None)
         self.remote_done(hio, err)
 
-    def _read_payload(self, conn: Connection, msg: nvmod.NV, hio: HIO) -> None:
+    def _read_payload(self, rd: _ReplyReader, msg: nvmod.NV | None, size: int,
+                      hio: HIO) -> None:
         assert hio.buf is not None
-        size = pipeline.payload_size(msg, hio.length)
-        if (size == hio.length and not msg.exists("compression")
-                and not msg.exists("checksum")):
-            proto.recv_exact_into(conn.inn, hio.buf)  # straight into the frontend's buffer
+        if size > hio.length:
+            raise pipeline.PipelineError(
+                f"Payload size ({size}) exceeds the expected maximum ({hio.length}).")
+        if msg is None or (not msg.exists("compression") and not msg.exists("checksum")):
+            if size != hio.length:
+                rd.skip(size)
+                raise pipeline.PipelineError(
+                    f"READ reply of {size} bytes for {hio.length} requested")
+            rd.into(hio.buf)  # straight into the frontend's buffer
             return
-        payload = proto.recv_exact(conn.inn, size)
+        payload = bytearray(size)
+        rd.into(memoryview(payload))
         data = memoryview(pipeline.decode(msg, payload, hio.length))
         if data.nbytes != hio.length:
             raise pipeline.PipelineError(
@@ -662,6 +1131,8 @@ class Primary:
         if self.mode == "memsync" and self.hr_version < 2:
             log.warning("The 'memsync' replication mode is not supported by the remote node, "
                         "falling back to 'fullsync' mode.")
+        _set_timeouts(out, self.res.timeout, self.res.timeout)
+        _set_timeouts(inn, RECV_POLL, self.res.timeout)
         conn = Connection(out, inn, self.hr_version)
         self.conn = conn
         threading.Thread(target=self._receiver, args=(conn,), name="remote_recv",
@@ -742,8 +1213,8 @@ class Primary:
             self.disconnect(conn)
             self.last_attempt = 0.0
         elif conn is not None:
-            for sock in (conn.out, conn.inn):
-                sock.settimeout(self.res.timeout)
+            _set_timeouts(conn.out, self.res.timeout, self.res.timeout)
+            _set_timeouts(conn.inn, RECV_POLL, self.res.timeout)
         return 0
 
     # -- life cycle -----------------------------------------------------------------------
@@ -781,7 +1252,9 @@ class Primary:
         if conn is not None:
             self.disconnect(conn)
         self.local.stop()
+        self.mapw.stop()
         self.flush_map()
+        self.mapw.close()
 
 
 def run(ctx: WorkerContext) -> int:
