@@ -12,18 +12,24 @@ everything from there to the end of the session:
   SECONDARY's own compression/checksum pipeline;
 * the request path (§7): a receive loop (validation as FreeBSD's requnpack(), WRITE payloads
   into pooled aligned buffers, the early ``received`` reply of memsync writes), the disk
-  stage, and one send thread writing replies on connection #2;
+  stage, and the replies on connection #2;
 * the one-time zeroing of the on-disk activemap before the first request (§2.7), the
   statistics of §10.3 and the STATUS answer to the parent.
 
-The disk stage is an ordered pipeline rather than FreeBSD's single disk thread: DISK_THREADS
-threads execute requests, but a request never starts while an earlier one it could observe
+The disk stage is an ordered pipeline rather than FreeBSD's single disk thread: requests
+execute concurrently, but a request never starts while an earlier one it could observe
 (overlapping range, unless both are READs; FLUSH against everything) is unfinished, and final
 replies leave in arrival order.  What the primary sees is what FreeBSD's strictly FIFO
 secondary produces (a READ sees every earlier WRITE, replies come in order); the provider
-just gets more than one independent request at a time.  Everything blocking runs with the GIL
-released (hast._io, socket calls), payloads are never touched byte by byte in Python, and
-several ready replies share one sendmsg.
+just gets more than one independent request at a time.  WRITEs go to an O_DIRECT provider
+through Linux native AIO (hast._aio: the receive thread submits everything it read in one
+io_submit, one reaper completes them in batches) and into a buffered provider at once; READ,
+DELETE, FLUSH and whatever AIO refuses run on DISK_THREADS threads.  Whichever thread
+finishes requests sends their replies, several in one sendmsg, and the receive thread sends
+what it produced before it blocks for more input, so a request crosses as few threads as
+possible.  Everything blocking runs with the GIL released (hast._io, hast._aio, socket calls)
+and payloads are never touched byte by byte in Python; frames of the common shapes are parsed
+and built in C (hast._wire).
 
 The messages, fields, types and field order are FreeBSD's, checked against the C secondary's
 own answers (vectors/freebsd-hastd/wire).  Deliberate deviations, all in the direction of
@@ -59,8 +65,9 @@ import threading
 import traceback
 from dataclasses import dataclass
 
-from hast import _io, log, pipeline, proto
+from hast import _aio, _io, _wire, log, pipeline, proto, settings
 from hast import nv as nvmod
+from hast._codec import is_zero
 from hast.activemap import calc_ondisk_size
 from hast.metadata import (
     METADATA_SIZE,
@@ -92,8 +99,6 @@ READ_AHEAD = 256 * 1024
 # Payload of an invalid request we still read (and throw away) to stay in step with the
 # primary; anything bigger is not a HAST peer and the connection is dropped.
 DRAIN_MAX = 16 * 1024 * 1024
-# Replies gathered into one sendmsg when several are ready (IOV_MAX is 1024).
-_SEND_BATCH = 64
 # Disk threads.  FreeBSD has one, so its provider sees one request at a time; on an SSD (or
 # any O_DIRECT provider) that caps small-request rates at 1 / device latency.  Ours execute
 # requests concurrently only when they cannot observe each other (see _blocks()), and final
@@ -106,6 +111,8 @@ _CMD_NAMES = {HIO_READ: "READ", HIO_WRITE: "WRITE", HIO_DELETE: "DELETE",
 SYNCSRC_UNDEF, SYNCSRC_PRIMARY, SYNCSRC_SECONDARY = 0, 1, 2
 
 SPLIT_BRAIN_MSG = "Split-brain condition!"   # the primary matches this text literally
+# hast._wire's F_* bits of the records a parsed request carried.
+_F_CMD, _F_OFFSET, _F_LENGTH, _F_MEMSYNC = 1, 4, 8, 16
 
 # -- errno numbers on the wire --------------------------------------------------------------
 
@@ -199,6 +206,7 @@ def _int64(v: int) -> int:
 # records: the seq record's header and name, then its value, then the optional records.
 _SEQ_HEAD = nvmod.NV().add_uint64("seq", 0).pack()[:-8]
 _U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
 _RECEIVED = nvmod.NV().add_int8("received", 1).pack()
 _ERROR_RECS: dict[int, bytes] = {}
 
@@ -274,7 +282,8 @@ class _Reader:
                 raise proto.ProtoError(errno.ENOTCONN, "Connection closed by peer")
             self.end += got
 
-    def frame(self, max_nv: int) -> nvmod.NV:
+    def frame(self, max_nv: int) -> nvmod.NV | tuple:
+        """The next request: hast._wire's FAST tuple for the common shapes, else an NV."""
         self._fill(proto.HEADER_SIZE)
         version, size = proto.HEADER.unpack_from(self.buf, self.start)
         if version > proto.PROTO_VERSION:
@@ -283,13 +292,23 @@ class _Reader:
             raise proto.ProtoError(errno.EMSGSIZE, f"nv blob of {size} bytes exceeds {max_nv}")
         self._fill(proto.HEADER_SIZE + size)
         begin = self.start + proto.HEADER_SIZE
+        parsed = _wire.parse_frame(self.buf, self.start, self.end, True)
         self.start = begin + size
+        if parsed[0] == _wire.FAST:
+            return parsed
         if size == 0:
             return nvmod.NV()
         try:
             return nvmod.NV.unpack(self.view[begin:begin + size])
         except nvmod.NVError as exc:
             raise proto.ProtoError(errno.EINVAL, f"Malformed nv: {exc}") from None
+
+    def ready(self) -> bool:
+        """A whole header + nv blob is buffered: frame() will not block."""
+        avail = self.end - self.start
+        if avail < proto.HEADER_SIZE:
+            return False
+        return avail >= proto.HEADER_SIZE + _U32.unpack_from(self.buf, self.start + 1)[0]
 
     def into(self, dest: memoryview) -> None:
         """Fill dest: first from the read-ahead, then directly from the socket."""
@@ -340,6 +359,10 @@ class Secondary:
         self.version = ctx.version
         self.maxphys = MAXPHYS
         self.fd = -1
+        self.direct = True
+        self._ring: _aio.Ring | None = None
+        self._aio_thread: threading.Thread | None = None
+        self._aio_stop = False
         self.mediasize = 0
         self.sectorsize = 512
         self.md: Metadata | None = None
@@ -352,8 +375,7 @@ class Secondary:
         self.stat_delete_error = self.stat_flush_error = 0
         self.stat_activemap_write_error = 0
         self._taken = 0          # slots taken (receive thread)
-        self._released = 0       # slots given back (send thread)
-        self._slots = threading.Semaphore(HIO_MAX)
+        self._released = 0       # slots given back (under _send_lock)
         self._pools: dict[int, list[_io.AlignedBuffer]] = {}
         self._reader = _Reader(self.remotein)
         # The disk stage: requests started (queued for or in a disk thread) and requests
@@ -363,7 +385,18 @@ class Secondary:
         self._waiting: list[_Hio] = []
         self._ready: queue.SimpleQueue[_Hio | None] = queue.SimpleQueue()
         self._arrivals = 0       # next arrival number (receive thread)
-        self._send_q: queue.SimpleQueue[_Hio | None] = queue.SimpleQueue()
+        # Replies: whichever thread finishes requests sends their replies, under _send_lock,
+        # final replies in arrival order (_held waits for the earlier ones).
+        self._send_lock = threading.Lock()
+        self._slot_cv = threading.Condition(self._send_lock)
+        self._slot_waiting = False
+        self._held: dict[int, _Hio] = {}
+        self._next_order = 0
+        # The receive thread batches what it does between two blocking reads: replies it
+        # produced and native AIO submissions go out together before it blocks.
+        self._recv_ident = 0
+        self._early: list[_Hio] = []
+        self._aio_batch: list[tuple] = []
         self._clear_map = True
         self._localflush = True
         self._stopping = threading.Event()
@@ -376,10 +409,16 @@ class Secondary:
     def open_local(self) -> None:
         """init_local(): provider read/write under flock, then its metadata (EX_NOINPUT)."""
         path = self.res.local
+        direct = True
         try:
-            # O_DIRECT: a GEOM provider has no cache either; the page cache would only
-            # double-buffer and defer write errors to a later flush.
-            self.fd, _direct = _io.open_provider(path, writable=True, direct=True)
+            direct = settings.load(self.ctx.config.path).direct
+        except (settings.SettingsError, AttributeError) as exc:
+            log.warning(f"{exc}; using O_DIRECT.")
+        try:
+            # O_DIRECT (py-hast.conf's `direct`, on by default): a GEOM provider has no cache
+            # either; the page cache would only double-buffer and defer write errors to a
+            # later flush.
+            self.fd, self.direct = _io.open_provider(path, writable=True, direct=direct)
         except OSError as exc:
             raise _Fatal(EX_NOINPUT, f"Unable to open {path}", log.exc_errno(exc)) from None
         try:
@@ -510,7 +549,7 @@ class Secondary:
         out.add_uint64("stat_flush_error", self.stat_flush_error)
         out.add_uint64("idle_queue_size", max(0, HIO_MAX - (self._taken - self._released)))
         out.add_uint64("local_queue_size", len(self._running) + len(self._waiting))
-        out.add_uint64("send_queue_size", self._send_q.qsize())
+        out.add_uint64("send_queue_size", len(self._held))
         return out
 
     # -- failure ----------------------------------------------------------------------------
@@ -606,6 +645,36 @@ class Secondary:
         if length is None:
             return self._invalid(hio, "Header is missing 'length' field.")
         hio.length = int(length)  # type: ignore[call-overload]
+        return self._check(hio)
+
+    def _unpack_fast(self, r: tuple) -> _Hio:
+        """_unpack() of a request hast._wire parsed (cmd, seq, offset, length, memsync)."""
+        found = r[3]
+        cmd = r[4] if found & _F_CMD else HIO_UNDEF
+        if cmd == HIO_UNDEF:
+            raise _Fatal(EX_TEMPFAIL, "Header contains no 'cmd' field.")
+        if cmd not in _CMD_NAMES:
+            raise _Fatal(EX_TEMPFAIL, f"Header contains invalid 'cmd' ({cmd}).")
+        hio = _Hio(cmd)
+        if cmd == HIO_KEEPALIVE:
+            return hio
+        hio.seq = r[5]
+        if hio.seq == 0:
+            return self._invalid(hio, "Header contains no 'seq' field.")
+        if cmd == HIO_FLUSH:
+            return hio
+        hio.memsync = cmd == HIO_WRITE and bool(found & _F_MEMSYNC)
+        if not found & _F_OFFSET:
+            return self._invalid(hio, "Header is missing 'offset' field.")
+        hio.offset = r[6]
+        if not found & _F_LENGTH:
+            return self._invalid(hio, "Header is missing 'length' field.")
+        hio.length = r[7]
+        return self._check(hio)
+
+    def _check(self, hio: _Hio) -> _Hio:
+        """The range checks of requnpack() (after offset and length are known)."""
+        cmd = hio.cmd
         if hio.length == 0:
             return self._invalid(hio, "Data length is zero.")
         if cmd != HIO_DELETE and hio.length > self.maxphys:
@@ -629,19 +698,25 @@ class Secondary:
     def recv_loop(self) -> None:
         """recv_thread(): frames from connection #1 to the disk (or straight to send) queue."""
         reader = self._reader
+        self._recv_ident = threading.get_ident()
         holding = False
         while not self._stopping.is_set():
             if not holding:
-                self._slots.acquire()   # backpressure: at most HIO_MAX requests in flight
-                self._taken += 1
+                self._take_slot()       # backpressure: at most HIO_MAX requests in flight
                 holding = True
+            if not reader.ready():
+                self._flush_batch()     # about to block: what this batch produced goes out
             try:
                 msg = reader.frame(proto.MAX_NV_WIRE)
             except OSError as exc:
                 raise _Fatal(EX_TEMPFAIL, "Unable to receive request header",
                              log.exc_errno(exc)) from None
-            hio = self._unpack(msg)
-            size = proto.payload_size(msg)
+            if type(msg) is tuple:
+                hio = self._unpack_fast(msg)
+                size = msg[8]
+            else:
+                hio = self._unpack(msg)
+                size = proto.payload_size(msg)
             if hio.error == 0:
                 if hio.cmd == HIO_READ:
                     self.stat_read += 1
@@ -669,7 +744,7 @@ class Secondary:
                 if hio.buf is not None:
                     self._give_back(hio.buf)
                     hio.buf = hio.view = None
-                self._send_q.put(hio)
+                self._early.append(hio)
             else:
                 if hio.cmd == HIO_READ:
                     hio.buf = self._buffer(hio.length)
@@ -677,7 +752,7 @@ class Secondary:
                 self._submit(hio)
             holding = False
 
-    def _recv_write_data(self, hio: _Hio, msg: nvmod.NV, size: int) -> None:
+    def _recv_write_data(self, hio: _Hio, msg: nvmod.NV | tuple, size: int) -> None:
         buf = self._buffer(max(size, hio.length))
         hio.buf = buf
         view = memoryview(buf)
@@ -689,7 +764,8 @@ class Secondary:
             raise _Fatal(EX_TEMPFAIL, "Unable to receive request data",
                          log.exc_errno(exc)) from None
         try:
-            data = pipeline.decode(msg, wire, self.maxphys)
+            # a request hast._wire parsed has no compression or checksum: the data is `wire`
+            data = wire if type(msg) is tuple else pipeline.decode(msg, wire, self.maxphys)
         except pipeline.PipelineError as exc:
             # A corrupt payload means a corrupt link or peer: never write it, never answer.
             log.error(str(exc))
@@ -703,11 +779,40 @@ class Secondary:
             view[:n] = data     # decompressed: into the aligned buffer the disk I/O uses
         hio.view = view[:n]
         if hio.memsync:
-            # memsync: acknowledge receipt before the disk write; the FIFO send queue
-            # guarantees this reply precedes the final one.
+            # memsync: acknowledge receipt before the disk write starts, so this reply
+            # precedes the final one whichever thread sends that.
             ack = _Hio(HIO_WRITE, hio.seq)
             ack.received = True
-            self._send_q.put(ack)
+            self._early.append(ack)
+            self._deliver(self._early)
+            self._early = []
+
+    def _take_slot(self) -> None:
+        self._taken += 1
+        if self._taken - self._released <= HIO_MAX:
+            return
+        self._flush_batch()
+        with self._slot_cv:
+            while self._taken - self._released > HIO_MAX and not self._stopping.is_set():
+                self._slot_waiting = True
+                self._slot_cv.wait(1.0)
+            self._slot_waiting = False
+
+    def _flush_batch(self) -> None:
+        """Receive thread: send the replies and start the AIO writes gathered so far."""
+        if self._early:
+            early, self._early = self._early, []
+            self._deliver(early)
+        if self._aio_batch:
+            batch, self._aio_batch = self._aio_batch, []
+            ring = self._ring
+            assert ring is not None
+            try:
+                refused = ring.submit_many(batch, self.sectorsize)
+            except OSError:
+                refused = [op[0] for op in batch]
+            for hio in refused:
+                self._ready.put(hio)    # misaligned or the ring is full: a disk thread
 
     # -- disk ----------------------------------------------------------------------------------
 
@@ -738,6 +843,25 @@ class Secondary:
         return (earlier.offset < later.offset + later.length
                 and later.offset < earlier.offset + earlier.length)
 
+    @staticmethod
+    def _conflicts(hio: _Hio, *groups: list[_Hio]) -> bool:
+        """_blocks(e, hio) for any e of the groups (one loop, no call per element)."""
+        cmd = hio.cmd
+        if cmd == HIO_FLUSH:
+            return any(groups)
+        start, end = hio.offset, hio.offset + hio.length
+        read = cmd == HIO_READ
+        for group in groups:
+            for e in group:
+                ecmd = e.cmd
+                if ecmd == HIO_FLUSH:
+                    return True
+                if read and ecmd == HIO_READ:
+                    continue
+                if e.offset < end and start < e.offset + e.length:
+                    return True
+        return False
+
     def _submit(self, hio: _Hio) -> None:
         """Hand a request to the disk stage (receive thread)."""
         if self._clear_map:
@@ -746,33 +870,69 @@ class Secondary:
             self._clear_activemap()
         hio.order = self._arrivals
         self._arrivals += 1
-        blocks = self._blocks
         with self._disk_cv:
-            if (any(blocks(e, hio) for e in self._running)
-                    or any(blocks(e, hio) for e in self._waiting)):
+            if self._conflicts(hio, self._running, self._waiting):
                 self._waiting.append(hio)
-            else:
-                self._running.append(hio)
-                self._ready.put(hio)
+                return
+            self._running.append(hio)
+        self._start(hio)
+
+    def _start(self, hio: _Hio) -> None:
+        """Execute a request that nothing earlier blocks: a WRITE through native AIO on an
+        O_DIRECT provider or at once on a buffered one, everything else on a disk thread."""
+        if hio.cmd == HIO_WRITE:
+            ring = self._ring
+            if ring is not None:
+                if threading.get_ident() == self._recv_ident:
+                    self._aio_batch.append((hio, _aio.WRITE, self.fd, hio.view,
+                                            self.localoff + hio.offset))
+                    return
+                try:
+                    if ring.submit(hio, _aio.WRITE, self.fd, hio.view,
+                                   self.localoff + hio.offset, self.sectorsize):
+                        return
+                except OSError:
+                    pass                        # ring full or refused: a disk thread
+            elif not self.direct:
+                self._run_one(self.fd, hio)     # a copy into the page cache
+                return
+        self._ready.put(hio)
+
+    def _run_one(self, fd: int, hio: _Hio) -> None:
+        try:
+            self._execute(fd, hio)
+        except Exception as exc:  # a bug: end the session, keep the queues moving
+            hio.error = errno.EIO
+            self._bug("disk", exc)
+        self._complete(hio)
 
     def _complete(self, hio: _Hio) -> None:
-        """A disk thread finished hio: start the waiting requests it no longer blocks."""
-        blocks = self._blocks
+        self._complete_many([hio])
+
+    def _complete_many(self, done: list[_Hio]) -> None:
+        """Requests done: reply, then start the waiting requests they no longer block."""
+        start: list[_Hio] = []
         with self._disk_cv:
-            self._running.remove(hio)
+            for hio in done:
+                self._running.remove(hio)
             if self._waiting:
                 still: list[_Hio] = []
+                conflicts = self._conflicts
                 for w in self._waiting:
-                    if (any(blocks(e, w) for e in self._running)
-                            or any(blocks(e, w) for e in still)):
+                    if conflicts(w, self._running, still):
                         still.append(w)
                     else:
                         self._running.append(w)
-                        self._ready.put(w)
+                        start.append(w)
                 self._waiting = still
             if not self._running:
                 self._disk_cv.notify_all()
-        self._send_q.put(hio)
+        if threading.get_ident() == self._recv_ident:
+            self._early.extend(done)
+        else:
+            self._deliver(done)
+        for w in start:
+            self._start(w)
 
     def disk_loop(self) -> None:
         """disk_thread(): execute requests; conflicting ones run in arrival order."""
@@ -781,12 +941,33 @@ class Secondary:
             hio = self._ready.get()
             if hio is None:
                 return
+            self._run_one(fd, hio)
+
+    def aio_loop(self) -> None:
+        """Completions of the WRITEs submitted through native AIO, in batches."""
+        ring = self._ring
+        assert ring is not None
+        while not (self._aio_stop and not len(ring)):
             try:
-                self._execute(fd, hio)
-            except Exception as exc:  # a bug: end the session, keep the queues moving
-                hio.error = errno.EIO
-                self._bug("disk", exc)
-            self._complete(hio)
+                done = ring.reap(1, 1.0)
+            except OSError as exc:
+                self.fail(EX_TEMPFAIL, "Unable to reap disk I/O", log.exc_errno(exc))
+                return
+            hios = []
+            for hio, res in done:
+                if res < 0:
+                    hio.error = -res
+                    log.error(f"Request failed: {hio.describe()}", hio.error)
+                elif res != hio.length:
+                    # stopped short (a device that ends early): the rest synchronously
+                    try:
+                        _io.pwrite(self.fd, hio.view[res:], self.localoff + hio.offset + res)
+                    except OSError as exc:
+                        hio.error = log.exc_errno(exc)
+                        log.error(f"Request failed: {hio.describe()}", hio.error)
+                hios.append(hio)
+            if hios:
+                self._complete_many(hios)
 
     def _execute(self, fd: int, hio: _Hio) -> None:
         off = self.localoff + hio.offset
@@ -818,12 +999,11 @@ class Secondary:
 
     def _reply(self, hio: _Hio, parts: list[bytes | memoryview]) -> None:
         """Append the frame for hio's reply (header+nv, then data) to parts."""
-        blob = _SEQ_HEAD + _U64.pack(hio.seq)
-        payload = None
+        version = self.version
         if hio.received:
-            blob += _RECEIVED
-        elif hio.error:
-            blob += _error_record(wire_errno(hio.error))
+            parts.append(_wire.encode_reply(version, hio.seq, 0, True))
+            return
+        if hio.error:
             if hio.cmd == HIO_READ:
                 self.stat_read_error += 1
             elif hio.cmd == HIO_WRITE:
@@ -832,62 +1012,62 @@ class Secondary:
                 self.stat_delete_error += 1
             elif hio.cmd == HIO_FLUSH:
                 self.stat_flush_error += 1
-        elif hio.cmd == HIO_READ:
-            extra = nvmod.NV()
-            payload = pipeline.encode(extra, hio.view, self.res.compression, self.res.checksum)
-            blob += extra.pack()
-        parts.append(proto.HEADER.pack(self.version, len(blob)) + blob)
+            parts.append(_wire.encode_reply(version, hio.seq, _int16(wire_errno(hio.error))))
+            return
+        if hio.cmd != HIO_READ:
+            parts.append(_wire.encode_reply(version, hio.seq))
+            return
+        view = hio.view
+        comp, csum = self.res.compression, self.res.checksum
+        if csum == "none" and (comp == "none" or (comp == "hole" and (
+                len(view) < 4 or not is_zero(view)))):
+            # the pipeline leaves this payload alone: only `size` is added
+            parts.append(_wire.encode_reply(version, hio.seq, 0, False, len(view)))
+            if len(view):
+                parts.append(view)
+            return
+        blob = _SEQ_HEAD + _U64.pack(hio.seq)
+        extra = nvmod.NV()
+        payload = pipeline.encode(extra, view, comp, csum)
+        blob += extra.pack()
+        parts.append(proto.HEADER.pack(version, len(blob)) + blob)
         if payload is not None and len(payload):
             parts.append(memoryview(payload))
 
     def _done(self, hio: _Hio) -> None:
+        """The reply went (or the session ended): the request's slot and buffer come back
+        (_send_lock held)."""
         if hio.received:
             return
         if hio.buf is not None:
             self._give_back(hio.buf)
             hio.buf = hio.view = None
         self._released += 1
-        self._slots.release()
 
-    def send_loop(self) -> None:
-        """send_thread(): replies on connection #2; ready replies share one sendmsg.
+    def _deliver(self, hios: list[_Hio]) -> None:
+        """send_thread(): replies on connection #2, several in one sendmsg.
 
         Early replies (memsync ``received``, refused requests) go out as they come, as in
-        FreeBSD.  Final replies go out in the requests' arrival order: a disk thread may
-        finish a request before an earlier one, its reply then waits for the earlier's.
+        FreeBSD.  Final replies go out in the requests' arrival order: a request finished
+        before an earlier one has its reply held until the earlier's is sent.
         """
-        sock = self.remoteout
-        held: dict[int, _Hio] = {}
-        next_order = 0
-        running = True
-        while running:
-            item = self._send_q.get()
-            if item is None:
-                break
-            arrived = [item]
-            while len(arrived) < _SEND_BATCH:
-                try:
-                    nxt = self._send_q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    running = False
-                    break
-                arrived.append(nxt)
+        with self._send_lock:
             batch: list[_Hio] = []
-            for hio in arrived:
+            held = self._held
+            for hio in hios:
                 if hio.order < 0:
                     batch.append(hio)
                 else:
                     held[hio.order] = hio
-            while next_order in held:
-                batch.append(held.pop(next_order))
-                next_order += 1
+            nxt = self._next_order
+            while nxt in held:
+                batch.append(held.pop(nxt))
+                nxt += 1
+            self._next_order = nxt
             if batch:
-                self._send_batch(sock, batch)
-        # Only a session that ends can leave replies behind: give their slots back.
-        for hio in held.values():
-            self._done(hio)
+                self._send_batch(self.remoteout, batch)
+            if self._slot_waiting:
+                self._slot_cv.notify()
 
     def _send_batch(self, sock: socket.socket, batch: list[_Hio]) -> None:
         parts: list[bytes | memoryview] = []
@@ -911,10 +1091,16 @@ class Secondary:
         self._disk_threads = [
             threading.Thread(target=self.disk_loop, name=f"disk{i}", daemon=True)
             for i in range(max(1, DISK_THREADS))]
-        send = threading.Thread(target=self.send_loop, name="send", daemon=True)
+        if self.direct and _aio.AVAILABLE:
+            try:
+                self._ring = _aio.Ring(2 * HIO_MAX)
+            except OSError as exc:
+                log.debug(1, f"No native AIO ({exc}); using the disk threads only.")
+        if self._ring is not None:
+            self._aio_thread = threading.Thread(target=self.aio_loop, name="aio", daemon=True)
+            self._disk_threads.append(self._aio_thread)
         for thread in self._disk_threads:
             thread.start()
-        send.start()
         try:
             self.recv_loop()
         except _Fatal as exc:
@@ -924,14 +1110,23 @@ class Secondary:
         finally:
             self.fail(EX_TEMPFAIL, "")
             # Requests already received still reach the disk; their replies are dropped.
+            try:
+                self._flush_batch()
+            except Exception as exc:  # a bug must not keep the session alive
+                self._bug("receive", exc)
             with self._disk_cv:
                 self._disk_cv.wait_for(lambda: not self._running and not self._waiting, 60)
+            self._aio_stop = True
             for _thread in self._disk_threads:
                 self._ready.put(None)
             for thread in self._disk_threads:
                 thread.join(timeout=10)
-            self._send_q.put(None)
-            send.join(timeout=10)
+            if self._ring is not None and not self._aio_thread.is_alive():
+                self._ring.close()
+            with self._send_lock:
+                for hio in self._held.values():
+                    self._done(hio)
+                self._held.clear()
         return self._exitcode if self._exitcode is not None else EX_TEMPFAIL
 
     def close(self) -> None:
