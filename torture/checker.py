@@ -74,6 +74,7 @@ class Totals:
     blocks_checked: int = 0
     reads_checked: int = 0
     bytes_compared: int = 0
+    synced_bytes: int = 0
     lost_async: int = 0
     lost_async_max_age: float | None = None   # seconds before the fault, of the newest loss
     async_windows: list[float] = field(default_factory=list)

@@ -14,8 +14,10 @@ violation (liveness), reported with the tail of both nodes' logs.
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -44,6 +46,18 @@ from torture.workload import (
 A, B = "hasta", "hastb"
 COMPLETE_TIMEOUT = 45.0       # reconnect (<= 10 s) + resync of a few MiB, on a loaded 2-core VM
 DRAIN_TIMEOUT = 20.0
+CYCLE_LIMIT = 300.0           # hard bound of one cycle (SIGALRM in the main thread)
+_SYNCED = re.compile(r"Synchronization complete\. ([0-9.]+)([KMGTPE]?)B synchronized")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50,
+          "E": 1 << 60}
+
+
+class CycleTimeout(Exception):
+    pass
+
+
+def _alarm(_signo: int, _frame: object) -> None:
+    raise CycleTimeout(f"the cycle exceeded its {CYCLE_LIMIT:.0f} s bound")
 
 
 @dataclass
@@ -56,6 +70,7 @@ class CycleResult:
     unknown: int = 0
     failed: int = 0
     serving: str = ""
+    synced: int = 0               # bytes the resynchronizations copied (hastd's log lines)
     workdir: Path | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -199,8 +214,17 @@ class Cycle:
     # -- the cycle ---------------------------------------------------------------------------
     def run(self) -> CycleResult:
         t0 = time.monotonic()
+        alarm = threading.current_thread() is threading.main_thread()
         try:
-            self._run()
+            try:
+                if alarm:
+                    old = signal.signal(signal.SIGALRM, _alarm)
+                    signal.setitimer(signal.ITIMER_REAL, CYCLE_LIMIT)
+                self._run()
+            finally:
+                if alarm:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    signal.signal(signal.SIGALRM, old)
         except Exception as exc:  # an engine hang or a harness bug: both fail the cycle
             self.violation(f"cycle aborted: {exc.__class__.__name__}: {exc}\n"
                            + "".join(traceback.format_exc(limit=6)))
@@ -221,6 +245,10 @@ class Cycle:
             if self.result.violations and self.pair is not None:
                 self.result.notes += self._log_tails()
             if self.pair is not None:
+                for name in (A, B):
+                    for m in _SYNCED.finditer(self.pair.log(name)):
+                        self.result.synced += int(float(m.group(1)) * _UNITS[m.group(2)])
+                self.totals.synced_bytes += self.result.synced
                 self.pair.close()
             self.result.seconds = time.monotonic() - t0
             if self.result.violations or self.keep:

@@ -77,7 +77,8 @@ def line(res: CycleResult) -> str:
     verdict = "ok" if not res.violations else f"VIOLATION ({len(res.violations)})"
     return (f"cycle {p.cycle:4d} seed {p.seed} {p.describe():<58} writes {res.writes:5d} "
             f"acked {res.acked:5d} unknown {res.unknown:2d} failed {res.failed:2d} "
-            f"serve {res.serving or '-':5} {res.seconds:5.1f}s {verdict}")
+            f"serve {res.serving or '-':5} sync {res.synced / (1 << 20):5.1f}M "
+            f"{res.seconds:5.1f}s {verdict}")
 
 
 def summary(args: argparse.Namespace, seed: int, results: list[CycleResult], totals: Totals,
@@ -98,7 +99,8 @@ def summary(args: argparse.Namespace, seed: int, results: list[CycleResult], tot
                f"answered with an error), {totals.reads_checked} blocks verified by reads "
                f"during load, {totals.blocks_checked} blocks verified on the serving node")
     out.append(f"bytes compared: {totals.bytes_compared} "
-               f"({totals.bytes_compared / (1 << 30):.2f} GiB)")
+               f"({totals.bytes_compared / (1 << 30):.2f} GiB); resynchronized by hastd: "
+               f"{totals.synced_bytes / (1 << 20):.1f} MiB")
     age = ("" if totals.lost_async_max_age is None
            else f", the newest lost write acknowledged {totals.lost_async_max_age * 1000:.0f} ms"
            " before the primary died")
@@ -138,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
     root = args.workdir or Path(tempfile.mkdtemp(prefix="hast-torture-"))
     root.mkdir(parents=True, exist_ok=True)
-    # SIGTERM (make, CI) cleans up like Ctrl-C
+    # Ctrl-C and SIGTERM (make, CI) clean up the same way, even where a background job
+    # started with SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     totals = Totals()
     results: list[CycleResult] = []
