@@ -21,6 +21,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 FUZZ_DIR = Path(__file__).resolve().parent
@@ -152,10 +153,17 @@ class _SyslogStub:
         pass
 
 
-def quiet_logs() -> None:
-    """Route hast.log to a syslog stub: no output, production's encoding rules."""
+def quiet_logs() -> Callable[[], None]:
+    """Route hast.log to a syslog stub: no output, production's encoding rules.  Returns
+    the function that puts hast.log back as it was (tests share the process)."""
     from hast import log
 
+    saved = (log.syslog, log._mode)
     if not isinstance(log.syslog, _SyslogStub):
         log.syslog = _SyslogStub(log.syslog)  # type: ignore[assignment]
     log._mode = log.MODE_SYSLOG
+
+    def restore() -> None:
+        log.syslog, log._mode = saved  # type: ignore[assignment]
+
+    return restore

@@ -94,6 +94,16 @@ def frame_seeds() -> Iterable[bytes]:
     yield struct.pack("<BI", 2, 0xFFFFFFFF)
 
 
+def wire_seeds() -> Iterable[bytes]:
+    """Option byte (bit 0: request) + every request and reply header+nv of the vectors."""
+    for _name, msgs in scenarios():
+        for e, msg in msgs:
+            if "handshake" in e["file"]:
+                continue
+            head = msg[:5 + len(blob_of(msg))]
+            yield bytes([e["direction"] == "primary->secondary"]) + head
+
+
 def pipeline_seeds() -> Iterable[bytes]:
     for _name, msgs in scenarios():
         for e, msg in msgs:
@@ -283,7 +293,8 @@ def nbd_seeds() -> Iterable[bytes]:
 
 def main() -> int:
     makers = {
-        "nv": nv_seeds, "frame": frame_seeds, "pipeline": pipeline_seeds, "lzf": lzf_seeds,
+        "nv": nv_seeds, "frame": frame_seeds, "wire": wire_seeds, "pipeline": pipeline_seeds,
+        "lzf": lzf_seeds,
         "config": config_seeds, "metadata": metadata_seeds, "control": control_seeds,
         "handshake": handshake_seeds, "secondary": secondary_seeds, "nbd": nbd_seeds,
         "replies": replies_seeds,

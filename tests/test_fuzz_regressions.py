@@ -53,3 +53,133 @@ def test_frame_helpers_are_nv_compatible() -> None:
     """The raw builders the regressions use produce what hast.nv produces."""
     assert nv_record(2, b"cmd", b"\2") == nv.NV().add_uint8("cmd", 2).pack()
     assert frame(b"") == b"\2\0\0\0\0"
+
+
+# -- hastd echoes a non-UTF-8 resource name in its STATUS reply (target control) ---------------
+
+@pytest.fixture
+def hastd():
+    from fuzz.hastd import Hastd
+
+    daemon = Hastd(role="secondary")
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.close()
+
+
+def test_control_status_of_a_non_utf8_resource_name(hastd) -> None:
+    """``cmd=2 resource0="\\xfe"`` on the control socket: hastd died packing the reply
+    (UnicodeEncodeError in nv.pack, fixed in f922b0b).  It answers "no such resource"."""
+    import socket
+
+    from hast import proto
+
+    request = frame(nv_record(2, b"cmd", b"\2") + nv_record(17, b"resource0", b"\xfe\0"))
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(hastd.control))
+        s.sendall(request)
+        _v, reply = proto.recv_frame(s, proto.MAX_NV_CONTROL)
+    assert reply.get_string("resource0") == "\udcfe"
+    assert reply.get_int16("error0") == 1            # EHAST_NOENTRY
+    hastd.check()
+
+
+# -- open: peer-supplied text that is not UTF-8 reaches syslog() (targets handshake, replies) --
+# hast/log.py passes the message to syslog.syslog(), which raises UnicodeEncodeError on the
+# lone surrogates hast.nv decodes non-UTF-8 bytes to.  Daemonized (syslog mode), a peer's
+# step 1 with resource "\xff" makes hastd log "No resource '\udcff' ..." and fail; a
+# secondary's answer with checksum "c\xff" makes the primary worker's connect() raise.
+# Fix (hast/log.py owner): encode with errors="backslashreplace" before syslog()/write().
+
+@pytest.fixture
+def syslog_stub(monkeypatch: pytest.MonkeyPatch):
+    """hast.log in syslog mode with a syslog() that encodes as CPython's does."""
+    from fuzz.common import _SyslogStub
+    from hast import log
+
+    stub = _SyslogStub(log.syslog)
+    monkeypatch.setattr(log, "syslog", stub)
+    monkeypatch.setattr(log, "_mode", log.MODE_SYSLOG)
+    return stub
+
+
+@pytest.mark.xfail(strict=True, reason="open: hast/log.py sends non-UTF-8 text to syslog()")
+def test_log_text_that_is_not_utf8(syslog_stub) -> None:
+    from hast import log
+
+    log.error("No resource '\udcff' as requested by tcp://127.0.0.1:1.")
+    assert syslog_stub.messages == 1
+
+
+@pytest.mark.xfail(strict=True, reason="open: hast/log.py sends non-UTF-8 text to syslog()")
+def test_hastd_answers_step1_for_a_non_utf8_resource_name(hastd) -> None:
+    """Found by target handshake: ``[CRIT] Internal error while handling a pending
+    descriptor: UnicodeEncodeError`` and no answer (before hastd's catch-all: hastd died)."""
+    import socket
+
+    from hast import proto
+
+    step1 = frame(nv_record(17, b"resource", b"\xff\0") + nv_record(2, b"version", b"\2"),
+                  version=1)
+    with socket.create_connection(("127.0.0.1", hastd.port), timeout=10) as s:
+        s.sendall(step1)
+        _v, reply = proto.recv_frame(s)
+    assert reply.get_string("errmsg") == "Resource not configured."
+    hastd.check_log()
+
+
+def _replies_input(answer: bytes) -> bytes:
+    """Input of target replies: valid step-1 reply, then this step-3 answer."""
+    import struct
+
+    step1 = frame(nv.NV().add_uint8("version", 2).add_uint8_array("token", bytes(16)).pack())
+    return (b"\0" + struct.pack("<H", len(step1)) + step1 + struct.pack("<H", len(answer))
+            + answer)
+
+
+def _answer(*records: bytes, payload: bytes = b"") -> bytes:
+    from fuzz.hastd import MEDIASIZE
+    from hast import metadata
+
+    _mapsize, datasize, _localoff = metadata.layout(MEDIASIZE, metadata.HAST_EXTENTSIZE, 512)
+    msg = nv.NV().add_int64("datasize", datasize).add_int32("extentsize", 2 << 20)
+    msg.add_uint64("localcnt", 0).add_uint64("remotecnt", 0).add_uint8("syncsrc", 1)
+    return frame(msg.pack() + b"".join(records), payload)
+
+
+@pytest.fixture
+def replies_target(syslog_stub):
+    from fuzz.targets import replies
+
+    replies.setup()
+    try:
+        yield replies
+    finally:
+        replies.teardown()
+
+
+@pytest.mark.xfail(strict=True, reason="open: hast/log.py sends non-UTF-8 text to syslog()")
+def test_primary_connect_with_a_non_utf8_checksum_name(replies_target) -> None:
+    """Found by target replies: the answer's bitmap with ``checksum = "c\\xff"``; connect()
+    logs "Unable to connect ...: Unknown checksum algorithm 'c\\udcff'." and raises
+    UnicodeEncodeError instead of returning an errno (the worker dies)."""
+    answer = _answer(nv_record(6, b"mapsize", b"\0\2\0\0"),
+                     nv_record(17, b"checksum", b"c\xff\0"), nv_record(10, b"hash", bytes(4)),
+                     nv_record(6, b"size", b"\0\2\0\0"), payload=bytes(512))
+    replies_target.one_input(_replies_input(answer))
+
+
+# -- open: the primary allocates the peer's mapsize before checking it (target replies) --------
+
+@pytest.mark.xfail(strict=True, reason="open: hast/primary.py trusts the answer's mapsize")
+def test_primary_mapsize_is_checked_before_allocation(replies_target) -> None:
+    """Step-3 answer with ``mapsize = size = 0xfffffff0``: _handshake_answer() passes
+    mapsize as the bound to payload_size() and proto.recv_exact() allocates 4 GiB before
+    reading a byte (then fails on EOF; with less memory, MemoryError kills the worker).  The
+    bound must be the local activemap's on-disk size."""
+    answer = _answer(nv_record(6, b"mapsize", b"\xf0\xff\xff\xff"),
+                     nv_record(6, b"size", b"\xf0\xff\xff\xff"))
+    replies_target.one_input(_replies_input(answer))

@@ -7,7 +7,7 @@ from types import ModuleType
 
 # In the order `fuzz/run.py --all` runs them: pure parsers first, then the socket servers.
 TARGETS: tuple[str, ...] = (
-    "nv", "frame", "pipeline", "lzf", "config", "metadata",
+    "nv", "frame", "wire", "pipeline", "lzf", "config", "metadata",
     "control", "handshake", "secondary", "replies", "nbd",
 )
 

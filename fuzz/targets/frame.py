@@ -7,7 +7,9 @@ write side is shut down, and every frame reader py-hast has reads the other end:
   primary's replies, the control socket client, worker channels;
 * ``hast.daemon.FrameReader`` -- the parent's non-blocking reader of a connection's first
   frame (handshake steps 1-2, control requests), when hast.daemon is importable;
-* ``hast.secondary._Reader`` -- the secondary worker's read-ahead reader of requests.
+* ``hast.secondary._Reader`` -- the secondary worker's read-ahead reader of requests
+  (which decodes the common request shapes with ``hast._wire.parse_frame``, in C, and the
+  rest with hast.nv; both must match the spec).
 
 Each must stop at exactly the frame where the spec's walk (:func:`fuzz.reference.
 split_frames`) stops, for the same reason (EOF, version > 2, nv larger than the bound,
@@ -87,7 +89,11 @@ def _feed(data: bytes) -> socket.socket:
     return b
 
 
-def _same(msg: nv.NV, records: list[reference.Record] | None) -> bool:
+def _same(msg: nv.NV | tuple, records: list[reference.Record] | None) -> bool:
+    if isinstance(msg, tuple):
+        from fuzz.targets.wire import fast_matches
+
+        return records is not None and fast_matches(msg, records, request=True)
     if records is None or len(msg) != len(records):
         return False
     for (name, nvtype, value), rec in zip(msg, records, strict=True):
@@ -100,6 +106,14 @@ def _same(msg: nv.NV, records: list[reference.Record] | None) -> bool:
     return True
 
 
+def _payload_size(msg: nv.NV | tuple) -> int:
+    if isinstance(msg, tuple):          # hast._wire's FAST tuple
+        from fuzz.targets.wire import F_SIZE
+
+        return msg[8] if msg[3] & F_SIZE else 0
+    return proto.payload_size(msg)
+
+
 def _read_all(read_frame: Callable[[], tuple[int, nv.NV]],
               read_payload: Callable[[int], bytes]) -> Result:
     out = Result([], None, 0)
@@ -109,7 +123,7 @@ def _read_all(read_frame: Callable[[], tuple[int, nv.NV]],
         except proto.ProtoError as exc:
             out.stop = exc.errno or 0
             return out
-        size = proto.payload_size(msg)
+        size = _payload_size(msg)
         if size > MAX_PAYLOAD:
             out.partial, out.stop = (version, msg), "payload"
             return out

@@ -42,6 +42,7 @@ ALLOC_BOUND = 64 * 1024 * 1024
 IO_TIMEOUT = 5.0
 
 _state: _Harness | None = None
+_restore: list = []     # what setup() patched, put back by teardown()
 
 
 class _Harness:
@@ -130,12 +131,14 @@ def setup() -> None:
                 raise proto.ProtoError(proto.errno.EMSGSIZE, "fuzz: refused")
             return real_recv_exact(sock, size)
 
+        _restore.append((proto, "recv_exact", real_recv_exact))
         proto.recv_exact = watched  # type: ignore[assignment]
 
         def hook(args: threading.ExceptHookArgs) -> None:
             state.errors.append(f"thread {args.thread.name if args.thread else '?'} died: "
                                 f"{args.exc_type.__name__}: {args.exc_value}")
 
+        _restore.append((threading, "excepthook", threading.excepthook))
         threading.excepthook = hook
 
 
@@ -144,6 +147,9 @@ def teardown() -> None:
     if _state is not None:
         _state.close()
         _state = None
+    while _restore:
+        module, name, value = _restore.pop()
+        setattr(module, name, value)
 
 
 class _FakeSecondary(threading.Thread):
