@@ -147,6 +147,10 @@ def config_seeds() -> Iterable[bytes]:
     yield b"listen tcp://2001:db8::1/64\nresource r {\n on hasta {\n local /x\n remote none\n }}"
     yield b"listen 10.0.0.9:99999\ncontrol uds:///tmp/ctl\n"
     yield b"resource r0 {\n on hasta {\n local /a\n remote 10.0.0.2\n }\n"
+    # py-hast.conf (the same input is fed to hast.settings.load)
+    yield (b"maxio 1M\nmaxio shared 128K\ndirect off\ndevdir /dev/hast\n"
+           b"sockdir /var/run/hast\nnbd shared 127.0.0.1:10809\n")
+    yield b"maxio 3K   # not a power of two\n"
 
 
 def metadata_seeds() -> Iterable[bytes]:

@@ -62,9 +62,17 @@ def _primary_mapsize(exc: BaseException) -> bool:
     return "a declared length allocated before it was checked" in str(exc)
 
 
+def _settings_decoding(exc: BaseException) -> bool:
+    """hast/settings.py reads py-hast.conf as strict UTF-8.  Reported; see
+    test_settings_file_that_is_not_utf8."""
+    return isinstance(exc, UnicodeDecodeError) and any(
+        "hast/settings.py" in f.filename for f in traceback.extract_tb(exc.__traceback__))
+
+
 KNOWN_OPEN: dict[str, Callable[[BaseException], bool]] = {
     "log encoding (hast/log.py)": _log_encoding,
     "unbounded mapsize (hast/primary.py)": _primary_mapsize,
+    "py-hast.conf decoding (hast/settings.py)": _settings_decoding,
 }
 
 

@@ -183,3 +183,20 @@ def test_primary_mapsize_is_checked_before_allocation(replies_target) -> None:
     answer = _answer(nv_record(6, b"mapsize", b"\xf0\xff\xff\xff"),
                      nv_record(6, b"size", b"\xf0\xff\xff\xff"))
     replies_target.one_input(_replies_input(answer))
+
+
+# -- open: py-hast.conf that is not UTF-8 (target config) --------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="open: hast/settings.py decodes py-hast.conf strictly")
+def test_settings_file_that_is_not_utf8(tmp_path) -> None:
+    """hast.settings.load() opens py-hast.conf with encoding="utf-8": a latin-1 comment
+    raises UnicodeDecodeError, not SettingsError, and the primary worker dies with a
+    traceback at start-up.  (hast.conf itself is read as latin-1 by hast.config.load.)"""
+    from hast import settings
+
+    (tmp_path / settings.FILENAME).write_bytes(b"# caf\xe9\nmaxio 1M\n")
+    try:
+        got = settings.load(str(tmp_path / "hast.conf"))
+    except settings.SettingsError:
+        return
+    assert got.maxio == 1 << 20

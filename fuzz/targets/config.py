@@ -8,15 +8,23 @@ node identity is fixed ("hasta.example.net", the UUID of the spec's example (b))
 control, remote, source) then goes through ``parse_address``, as the daemon does before
 listening/connecting, which may only refuse it with AddressError.  Also checked: the resolved
 values are what the grammar allows (timeout > 0, known replication/checksum/compression).
+
+The same bytes are also py-hast's own ``py-hast.conf`` (``hast.settings.load``, read by every
+worker at start-up), which may only refuse them with SettingsError.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 from hypothesis import strategies as st
 
 from fuzz.common import Finding, load_seeds
 from fuzz.strategies import from_seeds
-from hast import config
+from hast import config, settings
 
 EXPECTED: tuple[type[BaseException], ...] = (config.ConfigError, config.AddressError)
 MAX_LEN = 16 * 1024
@@ -44,7 +52,38 @@ def strategy() -> st.SearchStrategy[bytes]:
     return from_seeds(seeds(), MAX_LEN, _words())
 
 
+_dir: Path | None = None
+
+
+def setup() -> None:
+    global _dir
+    if _dir is None:
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None   # a write per input
+        _dir = Path(tempfile.mkdtemp(prefix="hast-fuzz-config-", dir=shm))
+
+
+def teardown() -> None:
+    global _dir
+    if _dir is not None:
+        shutil.rmtree(_dir, ignore_errors=True)
+        _dir = None
+
+
+def _settings(data: bytes) -> None:
+    setup()
+    assert _dir is not None
+    (_dir / settings.FILENAME).write_bytes(data)
+    try:
+        got = settings.load(str(_dir / "hast.conf"))
+    except settings.SettingsError:
+        return
+    for value in (got.maxio, *got.res_maxio.values()):
+        if value < 4096 or value > settings.MAX_MAXIO or value & (value - 1):
+            raise Finding(f"py-hast.conf: maxio {value} accepted")
+
+
 def one_input(data: bytes) -> None:
+    _settings(data)
     cfg = config.parse(data.decode("latin-1"), "fuzz.conf", NODE)
     for res in cfg.resources.values():
         if res.timeout <= 0:

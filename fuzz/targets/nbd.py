@@ -136,6 +136,7 @@ class _Server:
         self.sock_path = self.server.listen_unix(self.root / "nbd.sock")
         self.server.start()
         self.shadow = bytearray(self.pristine)
+        self.bystander: socket.socket | None = None
 
     def connect(self) -> socket.socket:
         s = socket.socket(socket.AF_UNIX)
@@ -151,6 +152,8 @@ class _Server:
                 self.shadow[offset:offset + length] = bytes(length)
 
     def close(self) -> None:
+        if self.bystander is not None:
+            self.bystander.close()
         self.server.stop()
         self.backend.inner.close()
         shutil.rmtree(self.root, ignore_errors=True)
@@ -189,6 +192,8 @@ def setup() -> None:
     global _state
     if _state is None:
         _state = _Server()
+        _state.bystander = _state.connect()
+        _negotiate(_state.bystander)
 
 
 def teardown() -> None:
@@ -251,25 +256,40 @@ def _recv(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
+def _negotiate(s: socket.socket) -> None:
+    """Fixed newstyle, OPT_GO for the default export: the socket is in transmission."""
+    _recv(s, 18)                                        # NBDMAGIC, IHAVEOPT, flags
+    s.sendall(struct.pack(">I", nbd.FLAG_C_FIXED_NEWSTYLE | nbd.FLAG_C_NO_ZEROES))
+    s.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_GO, 6) + b"\0" * 6)
+    while True:
+        _magic, _opt, rtype, length = struct.unpack(">QIII", _recv(s, 20))
+        _recv(s, length)
+        if rtype == nbd.REP_ACK:
+            return
+        if rtype != nbd.REP_INFO:
+            raise Finding(f"a valid OPT_GO answered with reply type {rtype:#x}")
+
+
+def _read_sector0(s: socket.socket, cookie: int) -> None:
+    assert _state is not None
+    s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, cookie, 0, SECTOR))
+    magic, err, got = struct.unpack(">IIQ", _recv(s, 16))
+    if (magic, err, got) != (nbd.SIMPLE_REPLY_MAGIC, 0, cookie):
+        raise Finding(f"a valid READ answered with {magic:#x}/{err}/{got}")
+    if _recv(s, SECTOR) != bytes(_state.shadow[:SECTOR]):
+        raise Finding("READ of sector 0 returns other data than the export holds")
+
+
 def check() -> None:
-    """A well-behaved client still gets served: OPT_GO, then READ of sector 0."""
+    """Still serving: a new client negotiates and reads; the bystander connected since
+    setup() -- in transmission all along, while the fuzzed clients came and went -- reads."""
     if _state is None:
         return
     with _state.connect() as s:
-        _recv(s, 18)                                    # NBDMAGIC, IHAVEOPT, flags
-        s.sendall(struct.pack(">I", nbd.FLAG_C_FIXED_NEWSTYLE | nbd.FLAG_C_NO_ZEROES))
-        s.sendall(struct.pack(">QII", nbd.IHAVEOPT, nbd.OPT_GO, 6) + b"\0" * 6)
-        while True:
-            _magic, _opt, rtype, length = struct.unpack(">QIII", _recv(s, 20))
-            _recv(s, length)
-            if rtype == nbd.REP_ACK:
-                break
-            if rtype != nbd.REP_INFO:
-                raise Finding(f"a valid OPT_GO answered with reply type {rtype:#x}")
-        s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, 77, 0, SECTOR))
-        magic, err, cookie = struct.unpack(">IIQ", _recv(s, 16))
-        if (magic, err, cookie) != (nbd.SIMPLE_REPLY_MAGIC, 0, 77):
-            raise Finding(f"a valid READ answered with {magic:#x}/{err}/{cookie}")
-        if _recv(s, SECTOR) != bytes(_state.shadow[:SECTOR]):
-            raise Finding("READ of sector 0 returns other data than the export holds")
+        _negotiate(s)
+        _read_sector0(s, 77)
         s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_DISC, 78, 0, 0))
+    if _state.bystander is None:
+        _state.bystander = _state.connect()
+        _negotiate(_state.bystander)
+    _read_sector0(_state.bystander, 79)
