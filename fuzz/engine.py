@@ -161,7 +161,8 @@ class Runner:
         finally:
             if in_main and self.timeout:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, old)
+                # None: the previous handler was not Python's (libFuzzer's own timer).
+                signal.signal(signal.SIGALRM, old if old is not None else signal.SIG_DFL)
             self._current = None
             self.stats.inputs += 1
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import threading
 from collections.abc import Callable
@@ -206,6 +207,8 @@ def _check_frame_reader(data: bytes, ref: list[reference.Frame]) -> None:
                 result = exc.errno or 0
             if result is not None:
                 break
+            if not select.select([sock], [], [], 5.0)[0]:   # as the daemon's loop waits
+                raise Finding("daemon.FrameReader: no progress on a stream that ends")
     first = ref[0].records if ref else None
     if isinstance(result, nv.NV):
         if not _same(result, first):
