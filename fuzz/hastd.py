@@ -31,6 +31,17 @@ NODE = "hasta"
 MEDIASIZE = 2 * 1024 * 1024
 LOG_LIMIT = 32 * 1024 * 1024
 FD_SLACK = 64
+RSS_SLACK = 256 * 1024 * 1024     # growth of hastd's resident memory over a run
+
+
+def rss(pid: int) -> int:
+    """Resident memory of a process in bytes (0 where /proc is unavailable)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f
+                        if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
 
 
 def free_port() -> int:
@@ -63,6 +74,7 @@ class Hastd:
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.fd_baseline = 0
+        self.rss_baseline = 0
         self._log_pos = 0
         make_provider(self.provider)
         make_provider(self.root / "other.img", "other")
@@ -95,6 +107,7 @@ class Hastd:
             self.set_role("test", self.role)
         self._log_pos = self.logfile.stat().st_size
         self.fd_baseline = open_fds(self.proc.pid)
+        self.rss_baseline = rss(self.proc.pid)
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -187,7 +200,8 @@ class Hastd:
 
     def check(self) -> None:
         """Still serving: with two connections stalled mid-header, a STATUS and (role
-        secondary) a step 1 are answered; no descriptor leak; no traceback or CRIT logged."""
+        secondary) a step 1 are answered; no descriptor leak, no memory growth, no
+        traceback or CRIT logged."""
         if not self.alive():
             raise self.restart_after_death()
         self.check_log()
@@ -224,3 +238,7 @@ class Hastd:
             if time.monotonic() > deadline:
                 raise Finding(f"hastd descriptor leak: {fds} open, {self.fd_baseline} at start")
             time.sleep(0.1)
+        now = rss(self.proc.pid)
+        if self.rss_baseline and now > self.rss_baseline + RSS_SLACK:
+            raise Finding(f"hastd memory grows: {now >> 20} MiB resident, "
+                          f"{self.rss_baseline >> 20} MiB at start")
