@@ -23,6 +23,8 @@ for pair in liblzf.so.1:liblzf1; do
 	pkg=${pair#*:}
 	ldconfig -p 2>/dev/null | grep -q "$lib" || missing="$missing $pkg"
 done
+# libfuse3 headers: pip builds pyfuse3 (the torture harness's EIO-injecting provider)
+pkg-config --exists fuse3 2>/dev/null || missing="$missing libfuse3-dev pkg-config"
 # nbdkit's python plugin: the pure-Python reference of the benchmark
 nbdkit python --dump-plugin >/dev/null 2>&1 || missing="$missing nbdkit-plugin-python"
 [ -z "$missing" ] && exit 0
