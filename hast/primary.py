@@ -1121,8 +1121,14 @@ class Primary:
             self.write_metadata()
         mapsize = ans.get_uint32("mapsize")
         if mapsize:
-            size = pipeline.payload_size(ans, mapsize)
-            image = pipeline.decode(ans, proto.recv_exact(out, size), mapsize)
+            # the peer's own field must not size our allocation: bound it by our map first
+            limit = self.amap.ondisk_size()
+            if mapsize > limit:
+                log.error(f"Activemap from the secondary is too large ({mapsize} bytes, "
+                          f"ours has {limit}).")
+                return errno.ECONNABORTED
+            size = pipeline.payload_size(ans, limit)
+            image = pipeline.decode(ans, proto.recv_exact(out, size), limit)
             if memoryview(image).nbytes < self.amap.size():
                 log.error("Activemap received from the secondary is too small.")
                 return errno.ECONNABORTED
@@ -1287,6 +1293,9 @@ def run(ctx: WorkerContext) -> int:
         log.error(f"Unable to start the frontend: {exc}")
         primary.shutdown()
         return EX_TEMPFAIL
+    # FreeBSD: drop privileges once the device exists (on Linux the worker keeps root: it
+    # must take its loop device and FUSE mount down at demotion; see doc/security.md)
+    ctx.drop_privileges()
     while not stop.wait(1.0):
         pass
     primary.shutdown()

@@ -423,12 +423,6 @@ def test_secondary_refuses_oversized_requests_before_allocation(
     assert peak < 4 * MiB
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hast/primary.py _handshake_answer() receives the step-3 activemap with "
-    "pipeline.payload_size(ans, mapsize), where mapsize is the peer's own field, so a "
-    "secondary can make the primary allocate up to 4 GiB; it must bound it first: "
-    "`if mapsize > self.amap.ondisk_size(): log.error(...); return errno.ECONNABORTED` and "
-    "pass self.amap.ondisk_size() (not mapsize) as the maximum to payload_size/decode"))
 def test_primary_bounds_the_activemap_before_allocation() -> None:
     from hast import primary
 
@@ -707,12 +701,6 @@ def test_secondary_worker_runs_unprivileged_and_replicates(
         pair.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hast/primary.py run() must call ctx.drop_privileges() right after "
-    "primary.start_frontend() succeeds (FreeBSD: create the ggate device, then drop); "
-    "WorkerContext.drop_privileges() then setuids the FreeBSD primary (no jail/chroot: it "
-    "opens its own connections and resolves names) and keeps root on Linux "
-    "(worker.worker_drops_privileges)"))
 def test_primary_drops_privileges_after_creating_its_device(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from hast import primary
