@@ -55,13 +55,6 @@ def _log_encoding(exc: BaseException) -> bool:
     return "UnicodeEncodeError" in text and ("hast/log.py" in text or "[CRIT]" in text)
 
 
-def _primary_mapsize(exc: BaseException) -> bool:
-    """hast/primary.py allocates the step-3 answer's bitmap by the peer's mapsize/size
-    before checking it against its own activemap.  Reported; see
-    test_primary_mapsize_is_checked_before_allocation."""
-    return "a declared length allocated before it was checked" in str(exc)
-
-
 def _settings_decoding(exc: BaseException) -> bool:
     """hast/settings.py reads py-hast.conf as strict UTF-8.  Reported; see
     test_settings_file_that_is_not_utf8."""
@@ -71,7 +64,6 @@ def _settings_decoding(exc: BaseException) -> bool:
 
 KNOWN_OPEN: dict[str, Callable[[BaseException], bool]] = {
     "log encoding (hast/log.py)": _log_encoding,
-    "unbounded mapsize (hast/primary.py)": _primary_mapsize,
     "py-hast.conf decoding (hast/settings.py)": _settings_decoding,
 }
 

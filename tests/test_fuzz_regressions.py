@@ -172,14 +172,13 @@ def test_primary_connect_with_a_non_utf8_checksum_name(replies_target) -> None:
     replies_target.one_input(_replies_input(answer))
 
 
-# -- open: the primary allocates the peer's mapsize before checking it (target replies) --------
+# -- the primary allocated the peer's mapsize before checking it (target replies) -------------
 
-@pytest.mark.xfail(strict=True, reason="open: hast/primary.py trusts the answer's mapsize")
 def test_primary_mapsize_is_checked_before_allocation(replies_target) -> None:
-    """Step-3 answer with ``mapsize = size = 0xfffffff0``: _handshake_answer() passes
-    mapsize as the bound to payload_size() and proto.recv_exact() allocates 4 GiB before
-    reading a byte (then fails on EOF; with less memory, MemoryError kills the worker).  The
-    bound must be the local activemap's on-disk size."""
+    """Step-3 answer with ``mapsize = size = 0xfffffff0``: _handshake_answer() passed
+    mapsize as the bound to payload_size() and proto.recv_exact() allocated 4 GiB before
+    reading a byte (then failed on EOF; with less memory, MemoryError killed the worker).
+    Fixed in e88f2e6: the bound is the local activemap's on-disk size."""
     answer = _answer(nv_record(6, b"mapsize", b"\xf0\xff\xff\xff"),
                      nv_record(6, b"size", b"\xf0\xff\xff\xff"))
     replies_target.one_input(_replies_input(answer))
