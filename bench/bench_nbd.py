@@ -46,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,32 +299,47 @@ class Hast:
                         out[role] = int(entry.name)
         return out
 
-    def _log_mark(self) -> int:
-        path = self.pair.dir(PRIMARY) / "hastd.log"
-        return path.stat().st_size if path.exists() else 0
+    def _promote_timed(self, client_cpus: str, timeout: float = 900.0) -> tuple[float, int]:
+        """``role primary`` on the primary; seconds between its "Synchronization started"
+        and "Synchronization complete" lines, and the bytes it announced.
 
-    def _watch_sync(self, mark: int, client_cpus: str,
-                    timeout: float = 900.0) -> tuple[float, int]:
-        """Seconds between the primary's sync start and completion lines after ``mark``.
-
-        The log is polled every 0.5 ms from the client CPUs (the servers' CPUs stay theirs),
-        so a resync of a few MiB is timed to about a millisecond.
+        A watcher thread on the client CPUs polls the log every 0.5 ms from before the role
+        change, so a resync of a few MiB is timed to about a millisecond.
         """
-        saved = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, parse_cpus(client_cpus))
-        try:
-            return self._poll_sync(mark, timeout)
-        finally:
-            os.sched_setaffinity(0, saved)
-
-    def _poll_sync(self, mark: int, timeout: float) -> tuple[float, int]:
         path = self.pair.dir(PRIMARY) / "hastd.log"
+        mark = path.stat().st_size if path.exists() else 0
+        result: list = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            os.sched_setaffinity(0, parse_cpus(client_cpus))   # this thread only
+            try:
+                result.append(self._poll_sync(path, mark, stop, timeout))
+            except Exception as exc:  # reported by the caller
+                result.append(exc)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            self.pair.role(PRIMARY, "primary")
+            watcher.join(timeout)
+        finally:
+            stop.set()
+            watcher.join(10)
+        if not result or isinstance(result[0], Exception):
+            raise RuntimeError(f"synchronization not timed: {result[0] if result else '?'}")
+        self.pair.wait_complete(PRIMARY, timeout=600)
+        return result[0]
+
+    @staticmethod
+    def _poll_sync(path: Path, mark: int, stop: threading.Event,
+                   timeout: float) -> tuple[float, int]:
         started: float | None = None
         todo = 0
         deadline = time.monotonic() + timeout
         pos = mark
         pending = b""
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not stop.is_set():
             with open(path, "rb") as fh:
                 fh.seek(pos)
                 chunk = fh.read()
@@ -351,11 +367,7 @@ class Hast:
         self.ctl(SECONDARY, "role", "init", RESOURCE)
         p.create(SECONDARY)
         p.role(SECONDARY, "secondary")
-        mark = self._log_mark()
-        p.role(PRIMARY, "primary")
-        took = self._watch_sync(mark, client_cpus)
-        p.wait_complete(PRIMARY, timeout=600)
-        return took
+        return self._promote_timed(client_cpus)
 
     def resync(self, fraction: float, salt: int, client_cpus: str) -> tuple[float, int]:
         """Write into ``fraction`` of the extents while the secondary is away, then resync."""
@@ -377,11 +389,7 @@ class Hast:
         # A new primary worker connects at once (a running one retries every 10 s).
         self.ctl(PRIMARY, "role", "init", RESOURCE)
         p.role(SECONDARY, "secondary")
-        mark = self._log_mark()
-        p.role(PRIMARY, "primary")
-        took = self._watch_sync(mark, client_cpus)
-        p.wait_complete(PRIMARY, timeout=600)
-        return took
+        return self._promote_timed(client_cpus)
 
     def close(self) -> None:
         self.pair.close()
