@@ -25,7 +25,7 @@ from hast.worker import EVENT_SYNCDONE, EVENT_SYNCINTR, EVENT_SYNCSTART
 if TYPE_CHECKING:
     from hast.primary import Primary
 
-INFLIGHT = 4
+INFLIGHT = 8
 
 
 class Synchronizer:
@@ -143,13 +143,19 @@ class Synchronizer:
             return
         self.handed_out.discard(ext)
         del self.outstanding[ext]
-        flush = p.amap.extent_complete(ext)
-        if ext in self.failed:
-            self.failed.discard(ext)
-            start = ext * p.extentsize
-            flush |= p.amap.need_sync(start, min(p.extentsize, p.datasize - start))
-        if flush:
-            p.flush_map()
+        failed = ext in self.failed
+        self.failed.discard(ext)
+        start = ext * p.extentsize
+
+        def update() -> bool:
+            flush = p.amap.extent_complete(ext)
+            if failed:
+                flush |= p.amap.need_sync(start, min(p.extentsize, p.datasize - start))
+            return flush
+
+        # Clearing a bit is never urgent (a bit left set costs a needless resync), and a
+        # failed extent's bit is never seen cleared: the map writer stores it later.
+        p.mapw.update_lazily(update)
 
     def _worker(self, gen: int) -> None:
         p = self.primary
