@@ -44,9 +44,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-from hast import config, log, metadata
+from hast import config, log, metadata, subr
 from hast.config import Config, ConfigError
 from hast.metadata import MetadataError
 from hast.subr import expand_number, humanize
@@ -86,11 +86,7 @@ class _Exit(Exception):
 
 def getprogname(argv0: str) -> str:
     """basename(argv[0]); ``hastctl`` when started as ``python -m hast.ctl``."""
-    name = os.path.basename(argv0)
-    if name in ("", "ctl.py", "__main__.py", "-c", "-m"):
-        return "hastctl"
-    return name
-
+    return subr.getprogname(argv0, "hastctl", "ctl.py")
 
 def usage_text(prog: str) -> str:
     return (
@@ -113,49 +109,6 @@ def _errx(prog: str, code: int, text: str) -> _Exit:
     sys.stderr.write(f"{prog}: {text}\n")
     sys.stderr.flush()
     return _Exit(code)
-
-
-def _getopt(args: list[str], optstring: str, prog: str,
-            rest: list[str]) -> Iterator[tuple[str, str]]:
-    """BSD getopt(3) over ``args`` (the words after the sub-command).
-
-    Yields (option, argument or "") one at a time, so an error is reported where FreeBSD
-    reports it (``-e foo -h`` fails on the extent size, ``-h -e foo`` prints the usage).
-    Unknown options and missing arguments yield ("?", "") after the diagnostic.  The operands
-    left after the options are stored into ``rest``.
-    """
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--":
-            i += 1
-            break
-        if len(arg) < 2 or arg[0] != "-":
-            break
-        j = 1
-        while j < len(arg):
-            ch = arg[j]
-            pos = optstring.find(ch)
-            if ch == ":" or pos < 0:
-                sys.stderr.write(f"{prog}: illegal option -- {ch}\n")
-                yield "?", ""
-                return
-            if pos + 1 < len(optstring) and optstring[pos + 1] == ":":
-                if j + 1 < len(arg):
-                    value = arg[j + 1:]
-                elif i + 1 < len(args):
-                    i += 1
-                    value = args[i]
-                else:
-                    sys.stderr.write(f"{prog}: option requires an argument -- {ch}\n")
-                    yield "?", ""
-                    return
-                yield ch, value
-                break
-            yield ch, ""
-            j += 1
-        i += 1
-    rest[:] = args[i:]
 
 
 def _size_option(prog: str, text: str, what: str) -> int:
@@ -198,7 +151,7 @@ def _main(argv: list[str], prog: str) -> int:
     debug = 0
     mediasize = extentsize = keepdirty = 0
     names: list[str] = []
-    for opt, value in _getopt(argv[1:], _OPTSTRINGS[cmd], prog, names):
+    for opt, value in subr.bsd_getopt(argv[1:], _OPTSTRINGS[cmd], prog, names):
         if opt == "c":
             cfgpath = value
         elif opt == "d":

@@ -78,7 +78,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hast import config as configmod
-from hast import control, hooks, log, proto, worker
+from hast import control, hooks, log, proto, subr, worker
 from hast import nv as nvmod
 from hast.config import Config, ConfigError, Resource
 from hast.sysexits import EX_CONFIG, EX_OK, EX_OSERR, EX_TEMPFAIL, EX_USAGE
@@ -112,10 +112,7 @@ class _Exit(Exception):
 
 def getprogname(argv0: str) -> str:
     """basename(argv[0]); ``hastd`` when run as ``python -m hast.daemon``."""
-    name = os.path.basename(argv0)
-    if name in ("", "daemon.py", "__main__.py", "-c", "-m"):
-        return "hastd"
-    return name
+    return subr.getprogname(argv0, "hastd", "daemon.py")
 
 
 def _usage(prog: str) -> _Exit:
@@ -128,36 +125,12 @@ def _usage(prog: str) -> _Exit:
 def _getopt(args: list[str], prog: str) -> list[tuple[str, str]]:
     """BSD getopt(3) with hastd's "c:dFhP:"; operands after the options are ignored."""
     opts: list[tuple[str, str]] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--" or len(arg) < 2 or arg[0] != "-":
-            break
-        j = 1
-        while j < len(arg):
-            ch = arg[j]
-            pos = _OPTSTRING.find(ch)
-            if ch == ":" or pos < 0:
-                sys.stderr.write(f"{prog}: illegal option -- {ch}\n")
-                raise _usage(prog)
-            if pos + 1 < len(_OPTSTRING) and _OPTSTRING[pos + 1] == ":":
-                if j + 1 < len(arg):
-                    value = arg[j + 1:]
-                elif i + 1 < len(args):
-                    i += 1
-                    value = args[i]
-                else:
-                    sys.stderr.write(f"{prog}: option requires an argument -- {ch}\n")
-                    raise _usage(prog)
-                opts.append((ch, value))
-                break
-            opts.append((ch, ""))
-            j += 1
-        i += 1
+    for opt, value in subr.bsd_getopt(args, _OPTSTRING, prog, []):
+        if opt == "?":
+            raise _usage(prog)
+        opts.append((opt, value))
     return opts
 
-
-# -- pidfile(3) ----------------------------------------------------------------------------------
 
 class PidFileBusy(Exception):
     """Another process holds the pidfile's lock (pidfile_open()'s EEXIST)."""

@@ -2,10 +2,15 @@
 
 humanize() reproduces libutil's humanize_number(buf, 5, n, "", HN_AUTOSCALE,
 HN_NOSPACE | HN_DECIMAL) because hastctl's ``(2.0MB)`` texts are parsed by scripts;
-expand_number() is libutil's, which hastctl uses for its size options.
+expand_number() is libutil's, which hastctl uses for its size options; bsd_getopt() and
+getprogname() are libc's, whose exact diagnostics both hastd and hastctl print.
 """
 
 from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
 
 _PREFIXES = ("", "K", "M", "G", "T", "P", "E")
 
@@ -62,3 +67,54 @@ def format_duration(seconds: int) -> str:
     if rest or t == 0:
         out += f"{rest}s"
     return out
+
+
+def getprogname(argv0: str, name: str, module_file: str) -> str:
+    """getprogname(3): basename(argv[0]); ``name`` when run as ``python -m hast.<module>``."""
+    base = os.path.basename(argv0)
+    if base in ("", module_file, "__main__.py", "-c", "-m"):
+        return name
+    return base
+
+
+def bsd_getopt(args: list[str], optstring: str, prog: str,
+               rest: list[str]) -> Iterator[tuple[str, str]]:
+    """BSD getopt(3) over ``args``, as hastd and hastctl parse their options.
+
+    Yields (option, argument or "") one at a time, so an error is reported where FreeBSD
+    reports it (``-e foo -h`` fails on the extent size, ``-h -e foo`` prints the usage).
+    Unknown options and missing arguments yield ("?", "") after the diagnostic.  The operands
+    left after the options are stored into ``rest``.
+    """
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            i += 1
+            break
+        if len(arg) < 2 or arg[0] != "-":
+            break
+        j = 1
+        while j < len(arg):
+            ch = arg[j]
+            pos = optstring.find(ch)
+            if ch == ":" or pos < 0:
+                sys.stderr.write(f"{prog}: illegal option -- {ch}\n")
+                yield "?", ""
+                return
+            if pos + 1 < len(optstring) and optstring[pos + 1] == ":":
+                if j + 1 < len(arg):
+                    value = arg[j + 1:]
+                elif i + 1 < len(args):
+                    i += 1
+                    value = args[i]
+                else:
+                    sys.stderr.write(f"{prog}: option requires an argument -- {ch}\n")
+                    yield "?", ""
+                    return
+                yield ch, value
+                break
+            yield ch, ""
+            j += 1
+        i += 1
+    rest[:] = args[i:]
