@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from hast import log
+from hast.frontends import Join
 from hast.sysexits import EX_OK, EX_OSERR
 
 if TYPE_CHECKING:
@@ -63,27 +64,6 @@ def load_module() -> None:
         if err != errno.EEXIST:
             log.error("Unable to load geom_gate module", err=err)
             raise OSError(err, os.strerror(err), "geom_gate")
-
-
-class _Join:
-    """Completes one kernel request made of several primary requests (maxio pieces)."""
-
-    __slots__ = ("left", "error", "lock", "done")
-
-    def __init__(self, parts: int, done: Done) -> None:
-        self.left = parts
-        self.error = 0
-        self.lock = threading.Lock()
-        self.done = done
-
-    def part(self, err: int) -> None:
-        with self.lock:
-            if err and not self.error:
-                self.error = err
-            self.left -= 1
-            last = self.left == 0
-        if last:
-            self.done(self.error)
 
 
 class _Once:
@@ -266,7 +246,7 @@ class GgateFrontend:
                 submit(offset, length, data, done)
                 return
             starts = range(0, length, step)
-            join = _Join(len(starts), done)
+            join = Join(len(starts), done)
             for start in starts:
                 n = min(step, length - start)
                 submit(offset + start, n, data[start:start + n], join.part)

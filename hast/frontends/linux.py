@@ -12,36 +12,14 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 from typing import TYPE_CHECKING
 
 from hast import log
 from hast.config import parse_address
-from hast.frontends import nbd
+from hast.frontends import Join, nbd
 
 if TYPE_CHECKING:
     from hast.primary import Primary
-
-
-class _Join:
-    """Completes one NBD request made of several HAST requests (WRITE_ZEROES)."""
-
-    __slots__ = ("left", "error", "lock", "done")
-
-    def __init__(self, parts: int, done) -> None:
-        self.left = parts
-        self.error = 0
-        self.lock = threading.Lock()
-        self.done = done
-
-    def part(self, err: int) -> None:
-        with self.lock:
-            if err and not self.error:
-                self.error = err
-            self.left -= 1
-            last = self.left == 0
-        if last:
-            self.done(self.error)
 
 
 class PrimaryBackend:
@@ -75,7 +53,7 @@ class PrimaryBackend:
             # zeros travel as 4-byte "hole" payloads, so plain WRITEs are cheap on the wire
             step = self.max_request
             starts = range(req.offset, req.offset + req.length, step)
-            join = _Join(len(starts), req.complete)
+            join = Join(len(starts), req.complete)
             fua = bool(req.flags & nbd.CMD_FLAG_FUA)
             for start in starts:
                 length = min(step, req.offset + req.length - start)
