@@ -23,6 +23,7 @@ import socket
 import struct
 import tempfile
 import threading
+import traceback
 from pathlib import Path
 
 from hypothesis import strategies as st
@@ -135,8 +136,10 @@ def setup() -> None:
         proto.recv_exact = watched  # type: ignore[assignment]
 
         def hook(args: threading.ExceptHookArgs) -> None:
+            where = "".join(traceback.format_exception(args.exc_type, args.exc_value,
+                                                       args.exc_traceback))
             state.errors.append(f"thread {args.thread.name if args.thread else '?'} died: "
-                                f"{args.exc_type.__name__}: {args.exc_value}")
+                                f"{args.exc_type.__name__}: {args.exc_value}\n{where}")
 
         _restore.append((threading, "excepthook", threading.excepthook))
         threading.excepthook = hook
