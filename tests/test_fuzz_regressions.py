@@ -210,7 +210,7 @@ def test_sync_survives_reconnects_during_a_resync(replies_target) -> None:
     (after a memsync WRITE's replies).  Within a few hundred such sessions a ``sync<N>``
     thread dies: ``ValueError: extent_complete on extent 0 that is not being synchronised``
     from Synchronizer._maybe_complete() -- handed_out/outstanding of an interrupted pass
-    survive into the next pass after sync_rewind().  Racy, hence up to 300 rounds."""
+    survive into the next pass after sync_rewind().  Racy, hence up to 150 rounds."""
     import struct
 
     from fuzz.hastd import MEDIASIZE
@@ -231,6 +231,6 @@ def test_sync_survives_reconnects_during_a_resync(replies_target) -> None:
     seq = nv.NV().add_uint64("seq", 0).pack()[:-8] + replies_target.PLACEHOLDER
     memsync = session(frame(seq + nv.NV().add_int8("received", 1).pack()) + frame(seq))
     plain = session(b"")
-    for _ in range(300):
+    for _ in range(150):
         replies_target.one_input(plain)
         replies_target.one_input(memsync)
