@@ -8,7 +8,8 @@ need="losetup:util-linux nsenter:util-linux mkfs.ext4:e2fsprogs ip:iproute2
 qemu-io:qemu-utils qemu-img:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdfuse:libnbd-bin
 fusermount3:fuse3 fio:fio nbdkit:nbdkit
 dash:dash posh:posh shellcheck:shellcheck mandoc:mandoc bmake:bmake pgrep:procps objdump:binutils
-aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu fuser:psmisc logger:bsdutils flock:util-linux"
+aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu fuser:psmisc logger:bsdutils flock:util-linux
+iptables:iptables tc:iproute2"
 
 missing=""
 for pair in $need; do
