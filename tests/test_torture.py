@@ -88,7 +88,9 @@ def test_cycle(case: str, tmp_path: Path) -> None:
     replay = f".venv/bin/python torture/run.py --seed {plan.seed} --cycle {plan.cycle} --cycles 1"
     assert not res.violations, (f"cycle {plan.cycle} seed {plan.seed} ({plan.describe()}); "
                                 f"replay: {replay}\n" + "\n".join(res.violations + res.notes))
-    assert res.acked > 100, "the load phase wrote almost nothing"
+    # the checks above prove something only if writes were acknowledged before the fault
+    # (how many depends on the machine's speed, so only "some" is asserted)
+    assert res.acked > 10, "the load phase wrote almost nothing"
     assert res.serving
 
 

@@ -77,6 +77,7 @@ def main() -> int:
         say("Two nodes, hasta and hastb, each in its own network and UTS namespace")
         pair = HastPair(work, size=SIZE, resource="demo", devdir="/dev/hast")
         print(f"hasta = {pair.node('hasta').addr}, hastb = {pair.node('hastb').addr}")
+        print(f"namespaces: {pair.node('hasta').netns} {pair.node('hastb').netns}")
         print(f"hast.conf (the same on both nodes):\n{pair.conf('hasta').read_text()}")
 
         say("hastctl create on both nodes, then start hastd on both")
