@@ -44,7 +44,7 @@ import errno
 import json
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 from hast import log, proto
@@ -352,25 +352,23 @@ def client_role(config: Config, role: str, names: Sequence[str], debug: int = 0)
 
 def client_list(config: Config, names: Sequence[str], json_out: bool = False) -> int:
     """``hastctl list [names...]``: the verbose block per resource (or ``--json``)."""
-    reply = _exchange(config, status_request(names))
-    if isinstance(reply, int):
-        return reply
-    if json_out:
-        return _print_json(reply)
-    out, ret = format_list(reply)
-    sys.stdout.write(out)
-    sys.stdout.flush()
-    return ret
+    return _client_status_reply(config, names, json_out, format_list)
 
 
 def client_status(config: Config, names: Sequence[str], json_out: bool = False) -> int:
     """``hastctl status [names...]``: the terse table (or ``--json``)."""
+    return _client_status_reply(config, names, json_out, format_status)
+
+
+def _client_status_reply(config: Config, names: Sequence[str], json_out: bool,
+                         render: Callable[[nvmod.NV], tuple[str, int]]) -> int:
+    """One STATUS request, rendered by ``render`` (list and status differ only there)."""
     reply = _exchange(config, status_request(names))
     if isinstance(reply, int):
         return reply
     if json_out:
         return _print_json(reply)
-    out, ret = format_status(reply)
+    out, ret = render(reply)
     sys.stdout.write(out)
     sys.stdout.flush()
     return ret
