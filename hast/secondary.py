@@ -97,6 +97,10 @@ _MIN_CLASS = 4096
 # recv() for many frames instead of two or three each.  Large payloads bypass it.
 READ_AHEAD = 256 * 1024
 RECV_CHUNK = 64 * 1024
+# The disk stage's ordering index: buckets of 1 MiB; a request over more buckets than this
+# (a large DELETE) is checked against every pending request instead.
+_BUCKET_SHIFT = 20
+_WIDE_BUCKETS = 8
 # Payload of an invalid request we still read (and throw away) to stay in step with the
 # primary; anything bigger is not a HAST peer and the connection is dropped.
 DRAIN_MAX = 16 * 1024 * 1024
@@ -408,8 +412,14 @@ class Secondary:
         # The disk stage: requests started (queued for or in a disk thread) and requests
         # waiting for a conflicting earlier one, in arrival order; both under _disk_cv.
         self._disk_cv = threading.Condition()
-        self._running: list[_Hio] = []
+        self._running: dict[int, _Hio] = {}      # arrival number -> request
         self._waiting: list[_Hio] = []
+        # Pending (running or waiting) requests by 1 MiB bucket of their range, so that the
+        # ordering check of a request looks at its neighbours only; FLUSHes and requests
+        # over many buckets (large DELETEs) are kept apart and checked one by one.
+        self._index: dict[int, list[_Hio]] = {}
+        self._wide: list[_Hio] = []
+        self._flushes: list[int] = []            # arrival numbers of pending FLUSHes
         self._ready: queue.SimpleQueue[_Hio | None] = queue.SimpleQueue()
         self._arrivals = 0       # next arrival number (receive thread)
         # Replies: whichever thread finishes requests sends their replies, under _send_lock,
@@ -870,23 +880,67 @@ class Secondary:
         return (earlier.offset < later.offset + later.length
                 and later.offset < earlier.offset + earlier.length)
 
-    @staticmethod
-    def _conflicts(hio: _Hio, *groups: list[_Hio]) -> bool:
-        """_blocks(e, hio) for any e of the groups (one loop, no call per element)."""
-        cmd = hio.cmd
-        if cmd == HIO_FLUSH:
-            return any(groups)
+    def _add(self, hio: _Hio) -> None:
+        """Index a request that is now pending (_disk_cv held)."""
+        if hio.cmd == HIO_FLUSH:
+            self._flushes.append(hio.order)
+            return
+        first = hio.offset >> _BUCKET_SHIFT
+        last = (hio.offset + hio.length - 1) >> _BUCKET_SHIFT
+        if last - first >= _WIDE_BUCKETS:
+            self._wide.append(hio)
+            return
+        index = self._index
+        for b in range(first, last + 1):
+            bucket = index.get(b)
+            if bucket is None:
+                index[b] = [hio]
+            else:
+                bucket.append(hio)
+
+    def _remove(self, hio: _Hio) -> None:
+        """Unindex a request that completed (_disk_cv held)."""
+        if hio.cmd == HIO_FLUSH:
+            self._flushes.remove(hio.order)
+            return
+        first = hio.offset >> _BUCKET_SHIFT
+        last = (hio.offset + hio.length - 1) >> _BUCKET_SHIFT
+        if last - first >= _WIDE_BUCKETS:
+            self._wide.remove(hio)
+            return
+        index = self._index
+        for b in range(first, last + 1):
+            bucket = index[b]
+            if len(bucket) == 1:
+                del index[b]
+            else:
+                bucket.remove(hio)
+
+    def _blocked(self, hio: _Hio) -> bool:
+        """_blocks(e, hio) for some pending e that arrived before hio (_disk_cv held)."""
+        order = hio.order
+        for f in self._flushes:
+            if f < order:
+                return True
+        if hio.cmd == HIO_FLUSH:
+            return (any(o < order for o in self._running)
+                    or any(w.order < order for w in self._waiting))
         start, end = hio.offset, hio.offset + hio.length
-        read = cmd == HIO_READ
-        for group in groups:
-            for e in group:
-                ecmd = e.cmd
-                if ecmd == HIO_FLUSH:
-                    return True
-                if read and ecmd == HIO_READ:
-                    continue
-                if e.offset < end and start < e.offset + e.length:
-                    return True
+        read = hio.cmd == HIO_READ
+        first, last = start >> _BUCKET_SHIFT, (end - 1) >> _BUCKET_SHIFT
+        if last - first >= _WIDE_BUCKETS:
+            candidates: list = [*self._running.values(), *self._waiting]
+        else:
+            candidates = self._wide[:]
+            index = self._index
+            for b in range(first, last + 1):
+                bucket = index.get(b)
+                if bucket:
+                    candidates += bucket
+        for e in candidates:
+            if (e.order < order and e.offset < end and start < e.offset + e.length
+                    and not (read and e.cmd == HIO_READ)):
+                return True
         return False
 
     def _submit(self, hio: _Hio) -> None:
@@ -898,10 +952,11 @@ class Secondary:
         hio.order = self._arrivals
         self._arrivals += 1
         with self._disk_cv:
-            if self._conflicts(hio, self._running, self._waiting):
+            self._add(hio)
+            if self._blocked(hio):
                 self._waiting.append(hio)
                 return
-            self._running.append(hio)
+            self._running[hio.order] = hio
         self._start(hio)
 
     def _start(self, hio: _Hio) -> None:
@@ -946,16 +1001,18 @@ class Secondary:
         """Requests done: reply, then start the waiting requests they no longer block."""
         start: list[_Hio] = []
         with self._disk_cv:
+            running = self._running
             for hio in done:
-                self._running.remove(hio)
+                del running[hio.order]
+                self._remove(hio)
             if self._waiting:
                 still: list[_Hio] = []
-                conflicts = self._conflicts
+                blocked = self._blocked
                 for w in self._waiting:
-                    if conflicts(w, self._running, still):
+                    if blocked(w):
                         still.append(w)
                     else:
-                        self._running.append(w)
+                        running[w.order] = w
                         start.append(w)
                 self._waiting = still
             if not self._running:
