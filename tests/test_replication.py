@@ -253,7 +253,14 @@ def test_a_killed_primary_leaves_nothing_for_the_next_one(tmp_path: Path) -> Non
         assert leftovers()          # a SIGKILLed worker cannot clean up
         pair.start("hasta")
         pair.role("hasta", "primary")
-        pair.wait("/dev/hast/test again", lambda: dev.exists() and len(leftovers()) == 2)
+        def ready() -> bool:
+            # the new worker's own device: a loop device with a size, nothing else left over
+            loop = Path(os.path.realpath(dev)).name
+            size = Path(f"/sys/block/{loop}/size")
+            return (dev.exists() and loop.startswith("loop") and size.exists()
+                    and int(size.read_text()) > 0 and len(leftovers()) == 2)
+
+        pair.wait("/dev/hast/test again", ready)
         assert qemu_io(pair, "hasta", "write -P 0x19 0 4k").returncode == 0
         with open(dev, "rb") as fh:
             assert fh.read(4096) == b"\x19" * 4096
