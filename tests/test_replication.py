@@ -261,9 +261,8 @@ def test_a_killed_primary_leaves_nothing_for_the_next_one(tmp_path: Path) -> Non
                     and int(size.read_text()) > 0 and len(leftovers()) == 2)
 
         pair.wait("/dev/hast/test again", ready)
-        assert qemu_io(pair, "hasta", "write -P 0x19 0 4k").returncode == 0
-        with open(dev, "rb") as fh:
-            assert fh.read(4096) == b"\x19" * 4096
+        res = qemu_io(pair, "hasta", "write -P 0x19 0 4k", "read -P 0x19 0 4k")
+        assert res.returncode == 0, res.stdout + res.stderr
     finally:
         pair.close()
     assert not leftovers()
