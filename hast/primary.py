@@ -210,15 +210,12 @@ class MapWriter:
             elif self.written_gen >= self.dirty_gen or self.covered(hio.offset, hio.length):
                 return True
             hio.mapgen = self.dirty_gen
-            if self.waiting or self.primary.inflight > 1:
-                self.waiting.append(hio)
-                if len(self.waiting) == 1:
-                    self.cv.notify()
-                return False
-        # Nothing else in flight (queue depth 1): writing the image here saves a hand-off
-        # to the writer thread and back; under load the writer thread batches instead.
-        self.flush(update=True)
-        return True
+            self.waiting.append(hio)
+            if len(self.waiting) == 1:
+                self.cv.notify()
+        # Not done here even at queue depth 1: the submitting thread is the frontend's
+        # reader, and blocking it serializes whatever the client has queued behind.
+        return False
 
     def write_complete(self, offset: int, length: int) -> None:
         # One C call under the GIL: atomic with respect to the images taken by flush().
@@ -366,10 +363,6 @@ class LocalDisk:
             return
         ring = self.ring
         if ring is not None and (cmd == HIO_WRITE or cmd == HIO_READ):
-            if self.primary.inflight <= 1 and not hio.sync:
-                # Queue depth 1: waiting here costs less than waking the reaper thread.
-                self.primary.local_done(hio, self.execute(hio))
-                return
             try:
                 if ring.submit(hio, _aio.WRITE if cmd == HIO_WRITE else _aio.READ, self.fd,
                                hio.buf, self.localoff + hio.offset, self.align):
@@ -431,9 +424,7 @@ class LocalDisk:
         primary = self.primary
         while not (self.stopping and not len(ring)):
             try:
-                want = min(len(ring) // 2, 16)
-                # under load: wait up to 200 us for a batch (one wake-up for several)
-                done = ring.reap(want, 0.0002) if want > 1 else ring.reap(1, 1.0)
+                done = ring.reap(1, 1.0)
             except OSError as exc:
                 log.error("Unable to reap local I/O", err=exc.errno)
                 return

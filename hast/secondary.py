@@ -151,13 +151,6 @@ _FREEBSD_EINVAL = 22
 _FREEBSD_EOPNOTSUPP = 45
 
 
-def _reap_args(inflight: int) -> tuple[int, float]:
-    """(min_nr, timeout) for Ring.reap(): under load wait up to 200 us for a batch (one
-    wake-up for several completions), else for the next completion."""
-    want = min(inflight // 2, 16)
-    return (want, 0.0002) if want > 1 else (1, 1.0)
-
-
 def wire_errno(err: int) -> int:
     """The FreeBSD errno number for a local errno (EIO when FreeBSD has no such error)."""
     name = errno.errorcode.get(err)
@@ -1039,7 +1032,7 @@ class Secondary:
         assert ring is not None
         while not (self._aio_stop and not len(ring)):
             try:
-                done = ring.reap(*_reap_args(len(ring)))
+                done = ring.reap(1, 1.0)
             except OSError as exc:
                 self.fail(EX_TEMPFAIL, "Unable to reap disk I/O", log.exc_errno(exc))
                 return
