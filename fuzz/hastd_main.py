@@ -1,10 +1,10 @@
 """``python fuzz/hastd_main.py <hastd args>``: hastd whose log is encoded as syslog(3) does.
 
 Used by fuzz/hastd.py.  In the foreground hastd writes its log to stdout/stderr, whose
-encoders escape what is not UTF-8; daemonized it calls syslog(), which raises
+encoders may escape what is not UTF-8; daemonized it calls syslog(), which raises
 UnicodeEncodeError on it.  Peers choose some of the text hastd logs (resource names), so the
-fuzzed daemon must behave as the daemonized one does: every message is first encoded
-strictly, then written as usual.
+fuzzed daemon must behave as the daemonized one does: every message, as hast.log hands it to
+its sink, is first encoded strictly, then written as usual.
 """
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hast import log  # noqa: E402
 
-_emit = log._emit
+_printable = log._printable
 
 
-def _strict_emit(level: int, text: str, dlevel: int = 0, err: int | None = None) -> None:
-    (log._prefix + text).encode("utf-8")     # what syslog.syslog() does first
-    _emit(level, text, dlevel, err)
+def _strict_printable(text: str) -> str:
+    out = _printable(text)
+    out.encode("utf-8")     # what syslog.syslog() does first
+    return out
 
 
-log._emit = _strict_emit
+log._printable = _strict_printable
 
 from hast import daemon  # noqa: E402
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import re
 import sys
 import syslog
+from typing import TextIO
 
 MODE_STD = 0
 MODE_SYSLOG = 1
@@ -59,19 +61,50 @@ def strerror(err: int) -> str:
     return os.strerror(err)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogate(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    # U+DC80..U+DCFF: a byte that was not UTF-8, decoded with surrogateescape (hast.nv,
+    # os.fsdecode); shown as the byte.  Any other lone surrogate as its code point.
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def _printable(text: str) -> str:
+    """text as syslog() and a UTF-8 stream accept it.
+
+    Peers choose some of what is logged (resource names, checksum names), and hast.nv
+    decodes bytes that are not UTF-8 to lone surrogates, which syslog.syslog() and a strict
+    stream refuse with UnicodeEncodeError.  Those become ``\\xNN`` escapes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub(_escape_surrogate, text)
+    return text
+
+
+def _write(stream: TextIO, line: str) -> None:
+    try:
+        stream.write(line)
+    except UnicodeEncodeError:  # a stream that is not UTF-8 (LANG=C without coercion)
+        enc = stream.encoding or "ascii"
+        stream.write(line.encode(enc, "backslashreplace").decode(enc))
+    stream.flush()
+
+
 def _emit(level: int, text: str, dlevel: int = 0, err: int | None = None) -> None:
     body = _prefix + text
     if err is not None:
         body += f": {strerror(err)}."
+    body = _printable(body)
     if _mode == MODE_SYSLOG:
         syslog.syslog(level, body)
         return
     tag = f"[{_LEVELS[level]}]"
     if level == syslog.LOG_DEBUG:
         tag += f"[{dlevel}]"
-    stream = sys.stderr if level <= syslog.LOG_WARNING else sys.stdout
-    stream.write(f"{tag} {body}\n")
-    stream.flush()
+    _write(sys.stderr if level <= syslog.LOG_WARNING else sys.stdout, f"{tag} {body}\n")
 
 
 def crit(text: str, err: int | None = None) -> None:

@@ -47,14 +47,6 @@ INPUT_TIMEOUT = 20.0
 TIME_CAP = 12.0
 
 
-def _log_encoding(exc: BaseException) -> bool:
-    """hast/log.py hands peer-supplied text (resource names, checksum names, ...) to
-    syslog(), which refuses what is not UTF-8: UnicodeEncodeError out of log.py in-process,
-    or hastd's CRIT for it.  Reported; see test_log_* in test_fuzz_regressions.py."""
-    text = "".join(traceback.format_exception(exc))
-    return "UnicodeEncodeError" in text and ("hast/log.py" in text or "[CRIT]" in text)
-
-
 def _settings_decoding(exc: BaseException) -> bool:
     """hast/settings.py reads py-hast.conf as strict UTF-8.  Reported; see
     test_settings_file_that_is_not_utf8."""
@@ -70,7 +62,6 @@ def _sync_bookkeeping(exc: BaseException) -> bool:
 
 
 KNOWN_OPEN: dict[str, Callable[[BaseException], bool]] = {
-    "log encoding (hast/log.py)": _log_encoding,
     "py-hast.conf decoding (hast/settings.py)": _settings_decoding,
     "resync bookkeeping across reconnects (hast/sync.py)": _sync_bookkeeping,
 }

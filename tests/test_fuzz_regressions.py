@@ -87,12 +87,12 @@ def test_control_status_of_a_non_utf8_resource_name(hastd) -> None:
     hastd.check()
 
 
-# -- open: peer-supplied text that is not UTF-8 reaches syslog() (targets handshake, replies) --
-# hast/log.py passes the message to syslog.syslog(), which raises UnicodeEncodeError on the
+# -- peer-supplied text that is not UTF-8 reached syslog() (targets handshake, replies) -------
+# hast/log.py passed the message to syslog.syslog(), which raises UnicodeEncodeError on the
 # lone surrogates hast.nv decodes non-UTF-8 bytes to.  Daemonized (syslog mode), a peer's
-# step 1 with resource "\xff" makes hastd log "No resource '\udcff' ..." and fail; a
-# secondary's answer with checksum "c\xff" makes the primary worker's connect() raise.
-# Fix (hast/log.py owner): encode with errors="backslashreplace" before syslog()/write().
+# step 1 with resource "\xff" made hastd log "No resource '\udcff' ..." and fail; a
+# secondary's answer with checksum "c\xff" made the primary worker's connect() raise.
+# Fixed: hast.log escapes lone surrogates (``\xff``) before syslog() and stdout/stderr.
 
 @pytest.fixture
 def syslog_stub(monkeypatch: pytest.MonkeyPatch):
@@ -106,7 +106,6 @@ def syslog_stub(monkeypatch: pytest.MonkeyPatch):
     return stub
 
 
-@pytest.mark.xfail(strict=True, reason="open: hast/log.py sends non-UTF-8 text to syslog()")
 def test_log_text_that_is_not_utf8(syslog_stub) -> None:
     from hast import log
 
@@ -114,7 +113,32 @@ def test_log_text_that_is_not_utf8(syslog_stub) -> None:
     assert syslog_stub.messages == 1
 
 
-@pytest.mark.xfail(strict=True, reason="open: hast/log.py sends non-UTF-8 text to syslog()")
+def test_log_escapes_non_utf8_bytes_on_every_sink(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The byte behind a surrogate escape is shown as ``\\xNN``, in syslog mode and on
+    stdout/stderr (also when the stream is strict UTF-8 or not UTF-8 at all)."""
+    import io
+    import sys
+
+    from hast import log
+
+    sent: list[str] = []
+    monkeypatch.setattr(log.syslog, "syslog", lambda _level, msg: sent.append(msg))
+    monkeypatch.setattr(log, "_mode", log.MODE_SYSLOG)
+    monkeypatch.setattr(log, "_prefix", "")
+    log.error("No resource '\udcff\ud800' as requested.", 5)
+    assert sent == ["No resource '\\xff\\ud800' as requested.: Input/output error."]
+
+    monkeypatch.setattr(log, "_mode", log.MODE_STD)
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    ascii_err = io.TextIOWrapper(io.BytesIO(), encoding="ascii", errors="strict")
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", ascii_err)
+    log.info("checksum 'c\udcff' caf\u00e9")
+    log.warning("checksum 'c\udcff' caf\u00e9")
+    assert out.buffer.getvalue() == "[INFO] checksum 'c\\xff' caf\u00e9\n".encode()
+    assert ascii_err.buffer.getvalue() == b"[WARNING] checksum 'c\\xff' caf\\xe9\n"
+
+
 def test_hastd_answers_step1_for_a_non_utf8_resource_name(hastd) -> None:
     """Found by target handshake: ``[CRIT] Internal error while handling a pending
     descriptor: UnicodeEncodeError`` and no answer (before hastd's catch-all: hastd died)."""
@@ -161,7 +185,6 @@ def replies_target(syslog_stub):
         replies.teardown()
 
 
-@pytest.mark.xfail(strict=True, reason="open: hast/log.py sends non-UTF-8 text to syslog()")
 def test_primary_connect_with_a_non_utf8_checksum_name(replies_target) -> None:
     """Found by target replies: the answer's bitmap with ``checksum = "c\\xff"``; connect()
     logs "Unable to connect ...: Unknown checksum algorithm 'c\\udcff'." and raises
