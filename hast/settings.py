@@ -3,8 +3,8 @@
 hast.conf must stay byte-for-byte acceptable to base hastd (the same file is deployed on a
 FreeBSD node of a mixed pair), so what only py-hast has -- the Linux frontend, the largest
 request sent to the peer -- lives in ``py-hast.conf`` beside hast.conf.  The file is optional;
-every line is ``<keyword> <value>`` or ``<keyword> <resource> <value>``, ``#`` starts a
-comment:
+every line is ``<keyword> <value>`` or ``<keyword> <resource> <value>`` in UTF-8, ``#`` starts
+a comment (in any encoding):
 
     maxio 1M                       # largest READ/WRITE sent to the peer (default 1 MiB)
     maxio shared 128K              # ... per resource (a FreeBSD <= 12 peer takes 128 KiB)
@@ -65,17 +65,25 @@ def load(config_path: str) -> Settings:
     path = os.path.join(os.path.dirname(os.path.abspath(config_path)), FILENAME)
     settings = Settings(path=path)
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, "rb") as fh:
             lines = fh.read().splitlines()
     except FileNotFoundError:
         return settings
     except OSError as exc:
         raise SettingsError(f"Unable to open {path}: {exc.strerror}.") from None
-    for lineno, raw in enumerate(lines, 1):
-        words = raw.split("#", 1)[0].split()
+    for lineno, rawbytes in enumerate(lines, 1):
+        where = f"{path}:{lineno}"
+        # Comments may be in any encoding; what is parsed must be UTF-8 (paths, names).
+        directive = rawbytes.split(b"#", 1)[0]
+        try:
+            words = directive.decode("utf-8").split()
+        except UnicodeDecodeError as exc:
+            shown = directive.strip().decode("utf-8", "backslashreplace")
+            raise SettingsError(f"{where}: invalid UTF-8 byte 0x{directive[exc.start]:02x} "
+                                f"in '{shown}'") from None
         if not words:
             continue
-        where = f"{path}:{lineno}"
+        raw = rawbytes.decode("utf-8", "backslashreplace")
         key, args = words[0], words[1:]
         if key == "maxio" and len(args) == 1:
             settings.maxio = _size(args[0], where)

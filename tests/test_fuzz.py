@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import resource
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from types import ModuleType
 
@@ -47,13 +46,6 @@ INPUT_TIMEOUT = 20.0
 TIME_CAP = 12.0
 
 
-def _settings_decoding(exc: BaseException) -> bool:
-    """hast/settings.py reads py-hast.conf as strict UTF-8.  Reported; see
-    test_settings_file_that_is_not_utf8."""
-    return isinstance(exc, UnicodeDecodeError) and any(
-        "hast/settings.py" in f.filename for f in traceback.extract_tb(exc.__traceback__))
-
-
 def _sync_bookkeeping(exc: BaseException) -> bool:
     """hast/sync.py: an interrupted resync's extent is completed in the next pass (a sync
     thread dies with ValueError).  Reported; see
@@ -62,7 +54,6 @@ def _sync_bookkeeping(exc: BaseException) -> bool:
 
 
 KNOWN_OPEN: dict[str, Callable[[BaseException], bool]] = {
-    "py-hast.conf decoding (hast/settings.py)": _settings_decoding,
     "resync bookkeeping across reconnects (hast/sync.py)": _sync_bookkeeping,
 }
 

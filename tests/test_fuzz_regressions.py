@@ -8,6 +8,8 @@ replays any saved input.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from fuzz.common import frame, nv_record
@@ -207,26 +209,29 @@ def test_primary_mapsize_is_checked_before_allocation(replies_target) -> None:
     replies_target.one_input(_replies_input(answer))
 
 
-# -- open: py-hast.conf that is not UTF-8 (target config) --------------------------------------
+# -- py-hast.conf that is not UTF-8 (target config) -------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="open: hast/settings.py decodes py-hast.conf strictly")
 def test_settings_file_that_is_not_utf8(tmp_path) -> None:
-    """hast.settings.load() opens py-hast.conf with encoding="utf-8": a latin-1 comment
-    raises UnicodeDecodeError, not SettingsError, and the primary worker dies with a
-    traceback at start-up.  (hast.conf itself is read as latin-1 by hast.config.load.)"""
+    """hast.settings.load() opened py-hast.conf with encoding="utf-8": a latin-1 comment
+    raised UnicodeDecodeError, not SettingsError, and the primary worker died with a
+    traceback at start-up.  (hast.conf itself is read as latin-1 by hast.config.load.)
+    A comment may be in any encoding; a directive that is not UTF-8 is a SettingsError
+    naming the file and the line."""
     from hast import settings
 
-    (tmp_path / settings.FILENAME).write_bytes(b"# caf\xe9\nmaxio 1M\n")
-    try:
-        got = settings.load(str(tmp_path / "hast.conf"))
-    except settings.SettingsError:
-        return
-    assert got.maxio == 1 << 20
+    conf = tmp_path / settings.FILENAME
+    conf.write_bytes(b"# caf\xe9\nmaxio 1M   # d\xe9faut\n")
+    assert settings.load(str(tmp_path / "hast.conf")).maxio == 1 << 20
+
+    conf.write_bytes(b"# caf\xe9\nmaxio 1M\ndevdir /dev/h\xe9st\n")
+    with pytest.raises(settings.SettingsError,
+                       match=rf"^{re.escape(str(conf))}:3: invalid UTF-8 byte 0xe9 "
+                             r"in 'devdir /dev/h\\xe9st'$"):
+        settings.load(str(tmp_path / "hast.conf"))
 
 
 # -- open: resync bookkeeping across reconnects (target replies) -------------------------------
 
-@pytest.mark.xfail(strict=False, reason="open, racy: hast/sync.py completes a stale extent")
 def test_sync_survives_reconnects_during_a_resync(replies_target) -> None:
     """Found by target replies (atheris, 25k inputs): the secondary answers step 3 with an
     all-dirty bitmap, so every connect() starts a resync, and the connection drops at once
