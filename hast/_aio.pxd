@@ -10,3 +10,4 @@ cdef class Ring:
     cdef dict _inflight        # request id -> (token, memoryview keeping the buffer alive)
     cdef uint64_t _next_id
     cdef bint _closed
+    cdef int _wakefd           # eventfd of wake(), -1 until the first call

@@ -11,8 +11,9 @@ Ring.submit() takes an opaque token (the caller's request object) and a buffer, 
 referenced until the completion is reaped; Ring.reap() returns [(token, result)], result
 being the byte count or -errno, as io_getevents reports it.  submit() refuses (returns False)
 what O_DIRECT would refuse -- a buffer, offset or length not aligned to ``align`` -- so the
-caller falls back to its synchronous path.  Raw syscalls, no libaio.  Elsewhere than Linux
-AVAILABLE is False and Ring() raises OSError(ENOSYS).
+caller falls back to its synchronous path.  Ring.wake() makes a waiting reap() return at once
+(a reaper that has to stop need not wait out its timeout).  Raw syscalls, no libaio.
+Elsewhere than Linux AVAILABLE is False and Ring() raises OSError(ENOSYS).
 """
 
 import errno as _errno
@@ -21,11 +22,14 @@ import os
 from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
+from posix.unistd cimport close as c_close
 
 cdef extern from *:
     """
     #ifdef __linux__
     #include <linux/aio_abi.h>
+    #include <poll.h>
+    #include <sys/eventfd.h>
     #include <sys/syscall.h>
     #include <unistd.h>
     #include <errno.h>
@@ -100,6 +104,16 @@ cdef extern from *:
         }
         return r;
     }
+    /* An eventfd that stays readable (its counter is never read), for Ring.wake(). */
+    static int hast_wake_fd(void) {
+        int fd = eventfd(1, EFD_CLOEXEC);
+        return fd < 0 ? -errno : fd;
+    }
+    /* One IOCB_CMD_POLL (Linux >= 4.18) for POLLIN on that eventfd: it completes at once. */
+    static long hast_io_wake(uint64_t ctx, uint64_t data, int fd) {
+        return hast_io_submit1(ctx, data, 5 /* IOCB_CMD_POLL */, fd, (void *)(uintptr_t)POLLIN,
+                               0, 0);
+    }
     #define HAST_IOCB_PREAD IOCB_CMD_PREAD
     #define HAST_IOCB_PWRITE IOCB_CMD_PWRITE
     #define HAST_IOCB_SIZE sizeof(struct iocb)
@@ -114,6 +128,8 @@ cdef extern from *:
                                 uint64_t nbytes, int64_t offset) { return -ENOSYS; }
     static long hast_io_getevents(uint64_t ctx, long min_nr, long nr, hast_aio_event *out,
                                   long timeout_ns) { return -ENOSYS; }
+    static int hast_wake_fd(void) { return -ENOSYS; }
+    static long hast_io_wake(uint64_t ctx, uint64_t data, int fd) { return -ENOSYS; }
     struct iocb { int unused; };
     static long hast_io_submitn(uint64_t ctx, long n, const uint64_t *data, const int *opcode,
                                 const int *fd, void * const *buf, const uint64_t *nbytes,
@@ -143,6 +159,8 @@ cdef extern from *:
                          uint64_t nbytes, int64_t offset) nogil
     long hast_io_getevents(uint64_t ctx, long min_nr, long nr, hast_aio_event *out,
                            long timeout_ns) nogil
+    int hast_wake_fd() nogil
+    long hast_io_wake(uint64_t ctx, uint64_t data, int fd) nogil
 
 AVAILABLE = bool(HAST_AIO)
 READ = HAST_IOCB_PREAD
@@ -157,7 +175,8 @@ cdef class Ring:
         self.ctx = 0
         self._closed = True
         self._inflight = {}
-        self._next_id = 1
+        self._next_id = 1       # 0 is Ring.wake()'s, which reap() never reports
+        self._wakefd = -1
         self.depth = depth
         r = hast_io_setup(depth, &self.ctx)
         if r < 0:
@@ -167,6 +186,8 @@ cdef class Ring:
     def __dealloc__(self):
         if not self._closed:
             hast_io_destroy(self.ctx)
+        if self._wakefd >= 0:
+            c_close(self._wakefd)
 
     def __len__(self):
         """Requests submitted and not reaped yet."""
@@ -304,6 +325,27 @@ cdef class Ring:
                 out.append((entry[0], events[i].res))
         return out
 
+    def wake(self):
+        """Make the reap() that waits now, or else the next one, return at once.
+
+        No request of the caller completes: reap() returns what else has completed, maybe
+        nothing.  For the thread that stops the reaper; costs nothing until called (one
+        eventfd, made on the first call, and one io_submit per call).  False where the
+        kernel cannot poll through AIO (Linux < 4.18): reap() then waits out its timeout.
+        """
+        cdef long r
+        cdef int fd
+        if self._closed:
+            return False
+        if self._wakefd < 0:
+            fd = hast_wake_fd()
+            if fd < 0:
+                return False
+            self._wakefd = fd
+        with nogil:
+            r = hast_io_wake(self.ctx, 0, self._wakefd)
+        return r == 1
+
     def close(self):
         """Destroy the context (waits for what is in flight, as io_destroy does)."""
         if not self._closed:
@@ -311,3 +353,6 @@ cdef class Ring:
             with nogil:
                 hast_io_destroy(self.ctx)
             self._inflight.clear()
+        if self._wakefd >= 0:
+            c_close(self._wakefd)
+            self._wakefd = -1

@@ -109,6 +109,9 @@ DRAIN_MAX = 16 * 1024 * 1024
 # requests concurrently only when they cannot observe each other (see _blocks()), and final
 # replies still leave in arrival order, so the primary sees FreeBSD's ordering.  1 = FreeBSD.
 DISK_THREADS = 4
+# The AIO reaper waits this long (s) for a completion before it looks at its stop flag again.
+# A stop wakes it at once (Ring.wake()); the timeout only matters where that cannot work.
+AIO_REAP_TIMEOUT = 1.0
 
 HIO_UNDEF, HIO_READ, HIO_WRITE, HIO_DELETE, HIO_FLUSH, HIO_KEEPALIVE = range(6)
 _CMD_NAMES = {HIO_READ: "READ", HIO_WRITE: "WRITE", HIO_DELETE: "DELETE",
@@ -1030,9 +1033,10 @@ class Secondary:
         """Completions of the WRITEs submitted through native AIO, in batches."""
         ring = self._ring
         assert ring is not None
+        timeout = AIO_REAP_TIMEOUT
         while not (self._aio_stop and not len(ring)):
             try:
-                done = ring.reap(1, 1.0)
+                done = ring.reap(1, timeout)
             except OSError as exc:
                 self.fail(EX_TEMPFAIL, "Unable to reap disk I/O", log.exc_errno(exc))
                 return
@@ -1200,6 +1204,8 @@ class Secondary:
             with self._disk_cv:
                 self._disk_cv.wait_for(lambda: not self._running and not self._waiting, 60)
             self._aio_stop = True
+            if self._ring is not None:
+                self._ring.wake()       # the reaper need not wait out AIO_REAP_TIMEOUT
             for _thread in self._disk_threads:
                 self._ready.put(None)
             for thread in self._disk_threads:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from hast import _io, metadata, pipeline, proto, secondary, worker
+from hast import _aio, _io, metadata, pipeline, proto, secondary, worker
 from hast import nv as nvmod
 from hast.config import Config, Resource
 from hast.metadata import Metadata
@@ -921,6 +921,40 @@ def test_silent_primary_times_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert result == [EX_TEMPFAIL]
         assert 0.5 < time.monotonic() - start < 10
         assert is_closed(c2)
+
+
+@pytest.mark.skipif(not _aio.AVAILABLE, reason="Linux native AIO only")
+def test_primary_gone_wakes_the_aio_reaper(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the primary goes away, the stop wakes the AIO reaper (Ring.wake()) instead of
+    leaving it in io_getevents until its timeout: the worker took a second to exit.  With
+    an hour's timeout here, a reaper that is not woken is still running when the session
+    ends (serve() gives up joining it after 10 s), which fails the test; no timing decides."""
+    monkeypatch.setattr(secondary, "AIO_REAP_TIMEOUT", 3600.0)
+    reaper: list[str] = []
+    aio_loop = secondary.Secondary.aio_loop
+
+    def watched(self: secondary.Secondary) -> None:
+        reaper.append("started")
+        try:
+            aio_loop(self)
+        finally:
+            reaper.append("returned")
+
+    monkeypatch.setattr(secondary.Secondary, "aio_loop", watched)
+    c1, c2, thread, result = _inprocess(tmp_path, adopted(tmp_path), _hs())
+    with c1, c2:
+        recv_frame(c1)
+        c1.sendall(request(W, 1, 0, 4096, pattern("aio")))
+        _v, rep, _p = recv_frame(c2)
+        assert not rep.exists("error")
+        c1.close()
+        c2.close()
+        thread.join(60)
+    assert result == [EX_TEMPFAIL]
+    if not reaper:
+        pytest.skip("provider without O_DIRECT: no AIO reaper")
+    assert reaper == ["started", "returned"]
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -137,3 +137,34 @@ def test_aio_ring_writes_reads_and_refuses_misalignment(tmp_path: Path) -> None:
         os.close(fd)
     with pytest.raises(OSError):
         ring.reap(1, 0.0)
+
+
+@pytest.mark.skipif(not _aio.AVAILABLE, reason="Linux native AIO only")
+def test_aio_ring_wake_ends_a_waiting_reap() -> None:
+    """Ring.wake() makes a reap() waiting with nothing in flight return, empty, without its
+    timeout (an hour here: a wake that does nothing leaves the reaper waiting and the test
+    fails) -- how a worker stops its reaper at once."""
+    import threading
+
+    ring = _aio.Ring(8)
+
+    def reap_in_a_thread(wake_first: bool) -> list[list]:
+        got: list[list] = []
+        if wake_first:                              # pending: the reap() returns at once
+            assert ring.wake() is True
+        reaper = threading.Thread(target=lambda: got.append(ring.reap(1, 3600.0)),
+                                  daemon=True)
+        reaper.start()
+        if not wake_first:                          # the reap() waits, or is about to
+            assert ring.wake() is True
+        reaper.join(60)
+        assert not reaper.is_alive()
+        return got
+
+    try:
+        assert reap_in_a_thread(False) == [[]]
+        assert reap_in_a_thread(True) == [[]]
+        assert len(ring) == 0
+    finally:
+        ring.close()
+    assert ring.wake() is False
