@@ -594,6 +594,9 @@ class Primary:
         self._seq = itertools.count(1)
         self.inflight = 0
         self.last_attempt = 0.0
+        # Extents whose local copy missed an acknowledged write (the local WRITE failed, the
+        # secondary's succeeded): served by the secondary until the sync copies them back.
+        self.stale: set[int] = set()
         self._open_local()
         from hast.sync import Synchronizer
         self.sync = Synchronizer(self)
@@ -676,11 +679,20 @@ class Primary:
         hio = HIO(HIO_READ, offset, length, buf, done)
         hio.countdown = 1
         self._track(1)
-        if self.syncsrc == SYNCSRC_SECONDARY and self.connected:
+        if self.stale and self._stale(offset, length):
+            if self.connected:
+                self.remote_send(hio)
+            else:
+                self.remote_done(hio, errno.EIO)  # never serve a copy known to be old
+        elif self.syncsrc == SYNCSRC_SECONDARY and self.connected:
             # the whole local copy is stale while synchronizing from the secondary
             self.remote_send(hio)
         else:
             self.local.submit(hio)
+
+    def _stale(self, offset: int, length: int) -> bool:
+        es = self.extentsize
+        return any(e in self.stale for e in range(offset // es, (offset + length - 1) // es + 1))
 
     def submit_write(self, offset: int, length: int, buf: memoryview, done,
                      fua: bool = False) -> None:
@@ -784,8 +796,7 @@ class Primary:
 
     def _remote_copy_failed(self, hio: HIO) -> None:
         """The secondary did not store this write: mark it, and bump the counter if alone."""
-        if self.amap.need_sync(hio.offset, hio.length):
-            self.flush_map()
+        self.sync.dirtied(hio.offset, hio.length)
         with self.lock:
             bump = not self.connected and self.localcnt == self.peer_remotecnt
             if bump:
@@ -822,6 +833,13 @@ class Primary:
             counter = {HIO_READ: "read_error", HIO_WRITE: "write_error",
                        HIO_DELETE: "delete_error", HIO_FLUSH: "flush_error"}[hio.cmd]
             setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+            if hio.cmd == HIO_WRITE and remote_err == 0:
+                # Acknowledged (the secondary has it) while the local copy is old: FreeBSD
+                # reads the old data back from then on.  Marked stale before the range lock
+                # goes and before the acknowledgement, so no later read can see it.
+                log.error(f"Local WRITE({hio.offset}, {hio.length}) failed; the secondary "
+                          "serves this range until it is copied back", err=local_err)
+                self.sync.dirtied(hio.offset, hio.length, stale=True)
         if hio.cmd == HIO_WRITE and not hio.sync:
             self.mapw.write_complete(hio.offset, hio.length)
         if hio.lockkey is not None:
@@ -1165,7 +1183,8 @@ class Primary:
             if memoryview(image).nbytes < self.amap.size():
                 log.error("Activemap received from the secondary is too small.")
                 return errno.ECONNABORTED
-            self.amap.merge(bytes(image))
+            with self.mapw.cv:   # atomic with the sync's extent completions (hast.sync)
+                self.amap.merge(bytes(image))
             self.flush_map()
         if self.mode == "memsync" and self.hr_version < 2:
             log.warning("The 'memsync' replication mode is not supported by the remote node, "

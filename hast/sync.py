@@ -6,8 +6,17 @@ out chunks in FreeBSD's order (lowest dirty extent first, chunk by chunk); an ex
 clean (extent_complete) only once every chunk handed out for it has finished, and a chunk that
 failed puts its extent back on the list instead of being skipped (FreeBSD skips it).
 
-Direction: syncsrc PRIMARY copies local -> remote, SECONDARY remote -> local.  A regular write
-and a sync chunk of the same range exclude each other (hast.rangelock).
+Direction: syncsrc PRIMARY copies local -> remote, SECONDARY remote -> local; an extent whose
+local copy missed an acknowledged write (``Primary.stale``) is copied remote -> local whatever
+the direction.  A regular write and a sync chunk of the same range exclude each other
+(hast.rangelock).
+
+FreeBSD synchronizes only after a (re)connect.  Here an extent that becomes dirty while the
+pair is connected (a write the secondary failed, a write the local disk failed) starts a pass
+at once (``dirtied``), and a pass that left extents behind (a chunk failed: a disk returning
+EIO) is retried with an exponential backoff, so ``hastctl status`` never shows "complete"
+over a dirty map for long.  A pass that left failures behind does not declare the copies
+equal (the counters stay as they are, syncsrc SECONDARY keeps reads on the secondary).
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from hast import _io, log
+from hast._codec import is_zero
+from hast.primary import HIO, HIO_READ, HIO_WRITE, SYNCSRC_SECONDARY
 from hast.subr import format_duration, humanize
 from hast.worker import EVENT_SYNCDONE, EVENT_SYNCINTR, EVENT_SYNCSTART
 
@@ -26,6 +37,8 @@ if TYPE_CHECKING:
     from hast.primary import Primary
 
 INFLIGHT = 8
+BACKOFF_MIN = 0.5    # seconds before retrying a pass that left failed extents behind
+BACKOFF_MAX = 30.0
 
 
 class Synchronizer:
@@ -39,6 +52,8 @@ class Synchronizer:
         self.outstanding: Counter[int] = Counter()
         self.handed_out: set[int] = set()
         self.failed: set[int] = set()
+        self.pass_failed = False     # a chunk of the current pass failed
+        self.pending = False         # something became dirty during the pass: run another
         self.copied = 0
         self.thread: threading.Thread | None = None
 
@@ -53,37 +68,94 @@ class Synchronizer:
 
     def stop(self) -> None:
         with self.cond:
+            self.pending = False
             if self.running:
                 self.generation += 1
                 self.running = False
                 self.cond.notify_all()
 
+    def kick(self) -> None:
+        """Extents became dirty while connected: have a pass (this one or the next) copy them."""
+        with self.cond:
+            self.pending = True
+            if not self.running:
+                self.start()
+
+    def dirtied(self, offset: int, length: int, stale: bool = False) -> None:
+        """A regular write left [offset, offset+length) different on the two nodes.
+
+        The extents are marked for synchronization; one the current pass is copying (some
+        of its chunks may already be done) is failed, so it is marked again when the pass
+        completes it.  ``stale``: the local copy is the old one (the local WRITE failed, the
+        secondary's succeeded): reads go to the secondary and the sync copies the extents
+        back until they are repaired.  All under cursor_lock, which extent completion holds.
+        """
+        p = self.primary
+        first, last = offset // p.extentsize, (offset + length - 1) // p.extentsize
+        with self.cursor_lock:
+            flush = p.amap.need_sync(offset, length)
+            for ext in range(first, last + 1):
+                if stale:
+                    p.stale.add(ext)
+                if ext in self.outstanding:
+                    self.failed.add(ext)
+        if flush:
+            p.flush_map()
+        if stale:
+            p.direct_reads(False)
+        if p.connected:
+            self.kick()
+
     def _loop(self) -> None:
         p = self.primary
+        backoff = 0.0
         while not p.stopping.is_set():
             with self.cond:
                 while not self.running and not p.stopping.is_set():
                     self.cond.wait(1.0)
                 gen = self.generation
+                self.pending = False
             if p.stopping.is_set():
                 return
-            self._pass(gen)
+            clean = self._pass(gen)
             with self.cond:
-                if self.generation == gen:
+                if self.generation != gen:
+                    backoff = 0.0
+                    continue       # stopped, or restarted by a reconnect
+                if not self.pending and clean and is_zero(p.amap.syncmap()):
                     self.running = False
+                    backoff = 0.0
+                    continue
+                if clean:
+                    backoff = 0.0
+                    continue       # new dirt during the pass: go again at once
+                # A disk keeps failing: retry, but not in a tight loop.
+                backoff = min(max(2 * backoff, BACKOFF_MIN), BACKOFF_MAX)
+                deadline = time.monotonic() + backoff
+                while self.generation == gen and not p.stopping.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.cond.wait(left)
 
     def _alive(self, gen: int) -> bool:
         return self.generation == gen and self.running and not self.primary.stopping.is_set()
 
-    def _pass(self, gen: int) -> None:
+    def _pass(self, gen: int) -> bool:
+        """One pass over the extents marked for synchronization; False: some failed."""
         p = self.primary
         with self.cursor_lock:
+            # What an interrupted pass left (extents it never finished) is not this pass's.
+            self.outstanding.clear()
+            self.handed_out.clear()
+            self.failed.clear()
+            self.pass_failed = False
             p.amap.sync_rewind()
             ndirty = p.amap.ndirty()
         if ndirty == 0:
             log.info("Nothing to synchronize.")
             self._done(gen)
-            return
+            return True
         todo = ndirty * p.extentsize
         log.info(f"Synchronization started. {humanize(todo)}B to go.")
         p.ctx.emit(EVENT_SYNCSTART)
@@ -100,14 +172,20 @@ class Synchronizer:
             log.info(f"Synchronization interrupted after {spent}. "
                      f"{humanize(self.copied)}B synchronized so far.")
             p.ctx.emit(EVENT_SYNCINTR)
-            return
+            return True
         elapsed = time.monotonic() - started
         rate = int(self.copied / elapsed) if elapsed > 0 else self.copied
+        if self.pass_failed:
+            log.warning(f"Synchronization incomplete: some extents could not be copied "
+                        f"({humanize(self.copied)}B synchronized in "
+                        f"{format_duration(int(elapsed))}); retrying.")
+            return False
         log.info(f"Synchronization complete. {humanize(self.copied)}B synchronized in "
                  f"{format_duration(int(elapsed))} ({humanize(rate)}B/sec).")
         if self.copied:
             p.ctx.emit(EVENT_SYNCDONE)
         self._done(gen)
+        return True
 
     def _done(self, gen: int) -> None:
         """Both copies agree: restore the counters' in-step relation (FreeBSD sync_thread)."""
@@ -123,20 +201,20 @@ class Synchronizer:
         if from_secondary:
             p.direct_reads(True)  # the local copy is current again
 
-    def _next(self) -> tuple[int, int, int] | None:
+    def _next(self, gen: int) -> tuple[int, int, int] | None:
         p = self.primary
         with self.cursor_lock:
             offset, length, finished = p.amap.sync_offset()
             if finished >= 0:
                 self.handed_out.add(finished)
-                self._maybe_complete(finished)
+                self._maybe_complete(finished, gen)
             if offset < 0:
                 return None
             ext = offset // p.extentsize
             self.outstanding[ext] += 1
             return offset, length, ext
 
-    def _maybe_complete(self, ext: int) -> None:
+    def _maybe_complete(self, ext: int, gen: int) -> None:
         """extent_complete once every handed-out chunk of ``ext`` is back (cursor_lock held)."""
         p = self.primary
         if self.outstanding[ext] or ext not in self.handed_out:
@@ -145,12 +223,29 @@ class Synchronizer:
         del self.outstanding[ext]
         failed = ext in self.failed
         self.failed.discard(ext)
+        if failed:
+            self.pass_failed = True
+        elif ext in p.stale:
+            p.stale.discard(ext)   # copied back from the secondary: the local copy is good
+            if not p.stale and p.syncsrc != SYNCSRC_SECONDARY:
+                p.direct_reads(True)
         start = ext * p.extentsize
+        length = min(p.extentsize, p.datasize - start)
 
         def update() -> bool:
+            if self.generation != gen:
+                # A reconnect may have merged the peer's map since this pass reserved the
+                # extent (merge() assigns the reservation, it does not add one): release
+                # ours and reserve it again, so the pass now running copies it once more.
+                try:
+                    p.amap.extent_complete(ext)
+                except ValueError:
+                    return False
+                p.amap.need_sync(start, length)
+                return True
             flush = p.amap.extent_complete(ext)
             if failed:
-                flush |= p.amap.need_sync(start, min(p.extentsize, p.datasize - start))
+                flush |= p.amap.need_sync(start, length)
             return flush
 
         # Clearing a bit is never urgent (a bit left set costs a needless resync), and a
@@ -162,7 +257,7 @@ class Synchronizer:
         buf = _io.AlignedBuffer(p.maxio)
         view = memoryview(buf)
         while self._alive(gen):
-            chunk = self._next()
+            chunk = self._next(gen)
             if chunk is None:
                 return
             offset, length, ext = chunk
@@ -180,13 +275,11 @@ class Synchronizer:
                         self.copied += length
                     else:
                         self.failed.add(ext)
-                    self._maybe_complete(ext)
+                    self._maybe_complete(ext, gen)
 
     def _copy(self, offset: int, length: int, buf: memoryview) -> bool:
-        from hast.primary import HIO, HIO_READ, HIO_WRITE, SYNCSRC_SECONDARY
-
         p = self.primary
-        from_remote = p.syncsrc == SYNCSRC_SECONDARY
+        from_remote = p.syncsrc == SYNCSRC_SECONDARY or offset // p.extentsize in p.stale
         for cmd, remote in ((HIO_READ, from_remote), (HIO_WRITE, not from_remote)):
             result: list[int] = []
             done = threading.Event()

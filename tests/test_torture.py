@@ -7,9 +7,8 @@ failover/restart/heal, then the checks (no acknowledged write lost on the node t
 identical data areas after resync, an on-disk dirty map that covers every difference).  A
 failing cycle prints its violations and the command that replays it alone.
 
-Below them, the violations the harness found that the engine does not fix yet, each reduced to
-a minimal scenario and marked ``xfail(strict=True)``: when the engine is fixed the test
-passes, strict xfail turns that into a failure, and the marker is removed.
+Below them, violations the harness found (torture --seed 1: cycles 6 and 111), each reduced
+to a minimal scenario that now guards the fix.
 """
 
 from __future__ import annotations
@@ -127,35 +126,27 @@ def _write(pair: TorturePair, offset: int, data: bytes) -> int | None:
 
 
 @pytest.mark.parametrize("eio_pair", [A], indirect=True)
-@pytest.mark.xfail(strict=True, reason=(
-    "A WRITE that fails on the primary's local provider (EIO) but succeeds on the secondary "
-    "is acknowledged, yet the local copy keeps the old data, is not marked in the activemap "
-    "and nothing is logged: reads from the primary return the old data and the resync never "
-    "repairs it (FreeBSD's quirk, hast-internals §14.3).  Found by torture --seed 1 --cycle 6 "
-    "and --seed 2 --cycle 13 (eio node=primary)."))
 def test_local_write_eio_on_the_primary_is_not_lost(eio_pair: TorturePair) -> None:
     pair = eio_pair
     off = 1 * MiB
     data = write_content(12345, 1, off, 8192)
     pair.eio(A, f"fail w {pair.md(A).localoff + off} 4096")
-    err = _write(pair, off, data)
+    # The secondary stored it: acknowledged (as FreeBSD does), and from now on the range
+    # is read from the secondary until the sync has copied it back (FreeBSD reads the old
+    # local data: hast-internals §14.3).  Read while the disk still fails writes, so the
+    # repair cannot have happened yet.
+    assert _write(pair, off, data) == 0
+    client = NbdClient(str(pair.socket(A)), pair.resource)
+    try:
+        assert client.pread(off, 8192) == data, "acknowledged write not read back"
+    finally:
+        client.close()
     pair.eio(A, "clear")
-    if err == 0:   # acknowledged: the primary must return it from now on
-        client = NbdClient(str(pair.socket(A)), pair.resource)
-        try:
-            assert client.pread(off, 8192) == data, "acknowledged write not read back"
-        finally:
-            client.close()
     pair.wait_complete(A, timeout=30)
     assert pair.data_area(A) == pair.data_area(B), "data areas differ after the pair is complete"
 
 
 @pytest.mark.parametrize("eio_pair", [B], indirect=True)
-@pytest.mark.xfail(strict=True, reason=(
-    "A WRITE that the secondary answers with an error (EIO on its provider) is marked dirty "
-    "on the primary, but no synchronization starts while the pair stays connected: 'hastctl "
-    "list' shows complete with dirty > 0 forever and the secondary keeps the old data until "
-    "some later reconnect.  Found by torture --seed 1 --cycle 111 (eio node=secondary ops=w)."))
 def test_write_eio_on_the_secondary_is_resynchronized(eio_pair: TorturePair) -> None:
     pair = eio_pair
     off = 2 * MiB
