@@ -277,14 +277,16 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", action="append", default=[], choices=TARGETS,
                    help="target to run (repeatable)")
-    p.add_argument("--all", action="store_true", help="every target, one after the other")
+    p.add_argument("--all", action="store_true",
+                   help="every target (--jobs children run at a time)")
     p.add_argument("--list", action="store_true", help="list the targets")
     p.add_argument("--runs", type=int, default=10000, help="inputs per target")
     p.add_argument("--engine", choices=("auto", "atheris", "hypothesis", "mutate"),
                    default="auto",
                    help="auto: atheris if importable, else hypothesis; mutate: seeded random "
                         "byte mutation of the corpus (fast, no coverage feedback)")
-    p.add_argument("--jobs", type=int, default=1, help="child processes per target")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="child processes at a time; each target's runs are split over as many")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per input")
     p.add_argument("--max-alloc-mb", type=int, default=1024,
                    help="address space a child may map beyond its start-up size (0: no limit)")
