@@ -417,6 +417,8 @@ class LocalDisk:
             for _ in self.threads:
                 self.queue.append(None)
             self.cond.notify_all()
+        if self.ring is not None:
+            self.ring.wake()   # the reaper need not wait out its 1 s reap timeout
 
     def _reap(self) -> None:
         ring = self.ring

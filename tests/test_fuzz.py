@@ -46,16 +46,7 @@ INPUT_TIMEOUT = 20.0
 TIME_CAP = 12.0
 
 
-def _sync_bookkeeping(exc: BaseException) -> bool:
-    """hast/sync.py: an interrupted resync's extent is completed in the next pass (a sync
-    thread dies with ValueError).  Reported; see
-    test_sync_survives_reconnects_during_a_resync."""
-    return "extent_complete on extent" in str(exc)
-
-
-KNOWN_OPEN: dict[str, Callable[[BaseException], bool]] = {
-    "resync bookkeeping across reconnects (hast/sync.py)": _sync_bookkeeping,
-}
+KNOWN_OPEN: dict[str, Callable[[BaseException], bool]] = {}
 
 
 def _known(exc: BaseException) -> str | None:

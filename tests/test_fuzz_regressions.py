@@ -230,7 +230,7 @@ def test_settings_file_that_is_not_utf8(tmp_path) -> None:
         settings.load(str(tmp_path / "hast.conf"))
 
 
-# -- open: resync bookkeeping across reconnects (target replies) -------------------------------
+# -- fixed: resync bookkeeping across reconnects (target replies) -------------------------------
 
 def test_sync_survives_reconnects_during_a_resync(replies_target) -> None:
     """Found by target replies (atheris, 25k inputs): the secondary answers step 3 with an
