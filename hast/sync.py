@@ -52,6 +52,7 @@ class Synchronizer:
         self.outstanding: Counter[int] = Counter()
         self.handed_out: set[int] = set()
         self.failed: set[int] = set()
+        self.retry: set[int] = set()  # failed extents, marked again when the pass ends
         self.pass_failed = False     # a chunk of the current pass failed
         self.pending = False         # something became dirty during the pass: run another
         self.copied = 0
@@ -149,6 +150,7 @@ class Synchronizer:
             self.outstanding.clear()
             self.handed_out.clear()
             self.failed.clear()
+            self.retry.clear()
             self.pass_failed = False
             p.amap.sync_rewind()
             ndirty = p.amap.ndirty()
@@ -167,6 +169,11 @@ class Synchronizer:
             w.start()
         for w in workers:
             w.join()
+        with self.cursor_lock:
+            retry = sorted(self.retry)
+            self.retry.clear()
+        if retry:
+            p.mapw.update_lazily(lambda: [self._remark(ext) for ext in retry].count(True) > 0)
         if not self._alive(gen):
             spent = format_duration(int(time.monotonic() - started))
             log.info(f"Synchronization interrupted after {spent}. "
@@ -221,36 +228,41 @@ class Synchronizer:
             return
         self.handed_out.discard(ext)
         del self.outstanding[ext]
-        failed = ext in self.failed
-        self.failed.discard(ext)
-        if failed:
+        if ext in self.failed:
+            # Its bit and reservation stay; it is marked again when the pass ends, so a
+            # disk that keeps failing is retried after a backoff, not in a tight loop.
+            self.failed.discard(ext)
             self.pass_failed = True
-        elif ext in p.stale:
+            self.retry.add(ext)
+            return
+        if ext in p.stale:
             p.stale.discard(ext)   # copied back from the secondary: the local copy is good
             if not p.stale and p.syncsrc != SYNCSRC_SECONDARY:
                 p.direct_reads(True)
-        start = ext * p.extentsize
-        length = min(p.extentsize, p.datasize - start)
 
         def update() -> bool:
             if self.generation != gen:
                 # A reconnect may have merged the peer's map since this pass reserved the
-                # extent (merge() assigns the reservation, it does not add one): release
-                # ours and reserve it again, so the pass now running copies it once more.
-                try:
-                    p.amap.extent_complete(ext)
-                except ValueError:
-                    return False
-                p.amap.need_sync(start, length)
-                return True
-            flush = p.amap.extent_complete(ext)
-            if failed:
-                flush |= p.amap.need_sync(start, length)
-            return flush
+                # extent (merge() assigns the reservation, it does not add one): mark it
+                # again rather than clear it, so the pass now running copies it once more.
+                return self._remark(ext)
+            return p.amap.extent_complete(ext)
 
-        # Clearing a bit is never urgent (a bit left set costs a needless resync), and a
-        # failed extent's bit is never seen cleared: the map writer stores it later.
+        # Clearing a bit is never urgent (a bit left set costs a needless resync): the map
+        # writer stores it later.
         p.mapw.update_lazily(update)
+
+    def _remark(self, ext: int) -> bool:
+        """Mark ``ext`` for synchronization again, keeping the one reservation held for it
+        (MapWriter.cv held: the bit is never seen cleared in between)."""
+        p = self.primary
+        start = ext * p.extentsize
+        try:
+            p.amap.extent_complete(ext)
+        except ValueError:
+            return False
+        p.amap.need_sync(start, min(p.extentsize, p.datasize - start))
+        return True
 
     def _worker(self, gen: int) -> None:
         p = self.primary
