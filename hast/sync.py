@@ -50,9 +50,14 @@ class Synchronizer:
         self.running = False
         self.cursor_lock = threading.Lock()
         self.outstanding: Counter[int] = Counter()
-        self.handed_out: set[int] = set()
+        # Finished rounds of an extent awaiting their chunks (a write that fails while an
+        # extent is copied marks it again, and the cursor can hand it out a second time
+        # before the first round's chunks are back): one reservation each.
+        self.handed_out: Counter[int] = Counter()
         self.failed: set[int] = set()
-        self.retry: set[int] = set()  # failed extents, marked again when the pass ends
+        # Failed rounds of an extent (a write can have it handed out twice in a pass), each
+        # still holding its reservation: released and the extent marked again at pass end.
+        self.retry: Counter[int] = Counter()
         self.pass_failed = False     # a chunk of the current pass failed
         self.pending = False         # something became dirty during the pass: run another
         self.copied = 0
@@ -170,10 +175,10 @@ class Synchronizer:
         for w in workers:
             w.join()
         with self.cursor_lock:
-            retry = sorted(self.retry)
+            retry = sorted(self.retry.items())
             self.retry.clear()
         if retry:
-            p.mapw.update_lazily(lambda: [self._remark(ext) for ext in retry].count(True) > 0)
+            p.mapw.update_lazily(lambda: [self._remark(*r) for r in retry].count(True) > 0)
         if not self._alive(gen):
             spent = format_duration(int(time.monotonic() - started))
             log.info(f"Synchronization interrupted after {spent}. "
@@ -213,7 +218,7 @@ class Synchronizer:
         with self.cursor_lock:
             offset, length, finished = p.amap.sync_offset()
             if finished >= 0:
-                self.handed_out.add(finished)
+                self.handed_out[finished] += 1
                 self._maybe_complete(finished, gen)
             if offset < 0:
                 return None
@@ -224,16 +229,16 @@ class Synchronizer:
     def _maybe_complete(self, ext: int, gen: int) -> None:
         """extent_complete once every handed-out chunk of ``ext`` is back (cursor_lock held)."""
         p = self.primary
-        if self.outstanding[ext] or ext not in self.handed_out:
+        if self.outstanding[ext] or not self.handed_out[ext]:
             return
-        self.handed_out.discard(ext)
+        rounds = self.handed_out.pop(ext)
         del self.outstanding[ext]
         if ext in self.failed:
-            # Its bit and reservation stay; it is marked again when the pass ends, so a
+            # Its bit and reservations stay; it is marked again when the pass ends, so a
             # disk that keeps failing is retried after a backoff, not in a tight loop.
             self.failed.discard(ext)
             self.pass_failed = True
-            self.retry.add(ext)
+            self.retry[ext] += rounds
             return
         if ext in p.stale:
             p.stale.discard(ext)   # copied back from the secondary: the local copy is good
@@ -245,22 +250,24 @@ class Synchronizer:
                 # A reconnect may have merged the peer's map since this pass reserved the
                 # extent (merge() assigns the reservation, it does not add one): mark it
                 # again rather than clear it, so the pass now running copies it once more.
-                return self._remark(ext)
-            return p.amap.extent_complete(ext)
+                return self._remark(ext, rounds)
+            return [p.amap.extent_complete(ext) for _ in range(rounds)][-1]
 
         # Clearing a bit is never urgent (a bit left set costs a needless resync): the map
         # writer stores it later.
         p.mapw.update_lazily(update)
 
-    def _remark(self, ext: int) -> bool:
-        """Mark ``ext`` for synchronization again, keeping the one reservation held for it
-        (MapWriter.cv held: the bit is never seen cleared in between)."""
+    def _remark(self, ext: int, rounds: int = 1) -> bool:
+        """Release the reservations of ``rounds`` handed-out rounds of ``ext`` and mark it for
+        synchronization again (MapWriter.cv held: the bit is never seen cleared between).
+        A reconnect's merge() may have absorbed reservations (it assigns): never below 0."""
         p = self.primary
         start = ext * p.extentsize
-        try:
-            p.amap.extent_complete(ext)
-        except ValueError:
-            return False
+        for _ in range(rounds):
+            try:
+                p.amap.extent_complete(ext)
+            except ValueError:
+                break
         p.amap.need_sync(start, min(p.extentsize, p.datasize - start))
         return True
 
