@@ -16,7 +16,10 @@ A FUA write is always completed as fullsync and flushed on both nodes.
 Threads instead of FreeBSD's five per-request stages: the frontend's threads submit requests,
 local I/O runs on a small pool (the GIL is released in hast._io), remote requests are sent by
 the submitting thread and completed by one receiver thread per connection.  Nothing touches
-data per byte in Python.
+data per byte in Python.  The receiver and the local AIO reaper complete requests in bursts
+(every reply one recv() brought, every event one io_getevents() returned); around a burst
+they call the frontend's ``defer_replies``/``send_replies`` hooks, so that the NBD frontend
+answers the burst with one sendmsg instead of one per request.
 
 Deliberate fixes of FreeBSD's defects (README lists them): every WRITE whose remote copy failed
 -- not connected, failed in flight, or answered with an error -- is marked for synchronization
@@ -430,14 +433,18 @@ class LocalDisk:
             except OSError as exc:
                 log.error("Unable to reap local I/O", err=exc.errno)
                 return
-            for hio, res in done:
-                if res == hio.length:
-                    err = 0
-                elif res < 0:
-                    err = -res
-                else:
-                    err = self._finish_short(hio, res)
-                primary.local_done(hio, err)
+            primary.defer_replies()
+            try:
+                for hio, res in done:
+                    if res == hio.length:
+                        err = 0
+                    elif res < 0:
+                        err = -res
+                    else:
+                        err = self._finish_short(hio, res)
+                    primary.local_done(hio, err)
+            finally:
+                primary.send_replies(True)
 
     def _finish_short(self, hio: HIO, done: int) -> int:
         """An AIO transfer stopped after ``done`` bytes: the rest synchronously."""
@@ -569,6 +576,10 @@ class _ReplyReader:
             size -= chunk
 
 
+def _no_batching(stop: bool = False) -> None:
+    """Primary.defer_replies/send_replies of a frontend that sends every reply at once."""
+
+
 class Primary:
     """Runtime state of one resource acting as primary."""
 
@@ -604,6 +615,9 @@ class Primary:
         self.sync = Synchronizer(self)
         self.frontend = None
         self.exit_code = 0
+        # The frontend's reply batching (see the module docstring); no-ops until it sets them.
+        self.defer_replies = _no_batching
+        self.send_replies = _no_batching
 
     # -- start-up -----------------------------------------------------------------------
     def _open_local(self) -> None:
@@ -965,6 +979,7 @@ class Primary:
         parse = _wire.parse_frame
         incomplete, fast = _wire.INCOMPLETE, _wire.FAST
         try:
+            self.defer_replies()
             while conn.up:
                 r = parse(rd.buf, rd.start, rd.end, False)
                 version, nvsize = r[1], r[2]
@@ -976,6 +991,8 @@ class Primary:
                                            f"nv blob of {nvsize} bytes exceeds "
                                            f"{proto.MAX_NV_WIRE}")
                 if r[0] == incomplete:
+                    # the replies of what was read are sent before waiting for more
+                    self.send_replies()
                     try:
                         rd.fill()
                     except (BlockingIOError, TimeoutError, InterruptedError):
@@ -992,6 +1009,7 @@ class Primary:
                                                    "Operation timed out") from None
                         continue
                     waiting_since = None
+                    self.defer_replies()   # (a frontend started since sets the hooks)
                     continue
                 begin = rd.start + proto.HEADER_SIZE
                 rd.start = begin + nvsize
@@ -1012,10 +1030,14 @@ class Primary:
                 text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 log.error(f"Unable to receive reply header: {text}.")
             self.disconnect(conn)
+        finally:
+            self.send_replies(True)
 
     def _reply(self, conn: Connection, rd: _ReplyReader, msg: nvmod.NV | None, seq: int,
                err: int, received: bool, size: int) -> None:
         """One reply; msg is None when it carries only seq/error/received/size."""
+        if size > rd.end - rd.start:
+            self.send_replies()    # its payload is not all here: nothing waits on it
         hio = conn.pending.get(seq)
         if hio is None:
             if size:

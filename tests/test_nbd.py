@@ -91,6 +91,39 @@ class GatedBackend(FileBackend):
             self._queue.put(req)
 
 
+class BatchingBackend(FileBackend):
+    """Executes requests in groups of ``group`` in one thread that defers its replies, as
+    the HAST primary's completion threads do; records how many replies each group had
+    queued before send_deferred_replies() (none may have gone out earlier)."""
+
+    group = 8
+
+    def __init__(self, *args, **kw) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kw)
+        self.pending: list[Request] = []
+        self.queued: list[int] = []
+        self._lock = threading.Lock()
+
+    def submit(self, req: Request) -> None:
+        with self._lock:
+            self.pending.append(req)
+            if len(self.pending) < self.group:
+                return
+            batch, self.pending = self.pending, []
+        threading.Thread(target=self._complete_batch, args=(batch,)).start()
+
+    def _complete_batch(self, batch: list[Request]) -> None:
+        nbd.defer_replies()
+        try:
+            for req in batch:
+                self._execute(req)
+                req.complete(0)
+            self.queued.append(len(nbd._deferred.replies))
+        finally:
+            nbd.send_deferred_replies(stop=True)
+        assert nbd._deferred.replies is None
+
+
 # ---- fixtures ----------------------------------------------------------------------------
 
 @dataclass
@@ -157,6 +190,11 @@ def gated_served(tmp_path: Path) -> Iterator[Served]:
 @pytest.fixture
 def direct_served(tmp_path: Path) -> Iterator[Served]:
     yield from _serve(tmp_path, direct=True)
+
+
+@pytest.fixture
+def batch_served(tmp_path: Path) -> Iterator[Served]:
+    yield from _serve(tmp_path, BatchingBackend)
 
 
 @pytest.fixture
@@ -641,6 +679,64 @@ def test_pipelined_requests_then_disc(raw_served: Served, raw_clients: list[Raw]
     image = raw_served.image.read_bytes()
     for i, block in blocks.items():
         assert image[i * 8192:i * 8192 + 4096] == block
+
+
+def test_pipelined_payloads_of_every_size(raw_served: Served, raw_clients: list[Raw]) -> None:
+    # One sendall of WRITEs whose payloads fall on every side of the reader's limits (read
+    # ahead, copied out of it, received directly), then READs of all of them.
+    c = _connect(raw_clients, raw_served)
+    c.go()
+    sizes = [512, 4096, 512, nbd.SMALL_PAYLOAD - 512, nbd.SMALL_PAYLOAD, 4096,
+             nbd.SMALL_PAYLOAD + 512, nbd.RECV_CHUNK + 4096, 512, nbd.READ_AHEAD + 4096,
+             1 << 20, 4096, 2 << 20, 512]
+    offsets, pos = [], 0
+    blocks = [os.urandom(n) for n in sizes]
+    stream = bytearray()
+    for i, block in enumerate(blocks):
+        offsets.append(pos)
+        stream += struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_WRITE, 100 + i, pos,
+                              len(block)) + block
+        pos += len(block) + 512
+    for i, block in enumerate(blocks):
+        stream += struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, 500 + i,
+                              offsets[i], len(block))
+    sender = threading.Thread(target=c.sock.sendall, args=(bytes(stream),))
+    sender.start()
+    writes = set()
+    for _ in blocks:
+        err, cookie, _ = c.reply()
+        assert err == 0
+        writes.add(cookie)
+    assert writes == {100 + i for i in range(len(blocks))}
+    got = {}
+    for _ in blocks:
+        magic, err, cookie = struct.unpack(">IIQ", c.recv(16))
+        assert (magic, err) == (nbd.SIMPLE_REPLY_MAGIC, 0)
+        got[cookie] = c.recv(len(blocks[cookie - 500]))
+    sender.join(30)
+    assert got == {500 + i: block for i, block in enumerate(blocks)}
+
+
+def test_deferred_replies_go_out_together(batch_served: Served, raw_clients: list[Raw]) -> None:
+    backend = batch_served.backend
+    assert isinstance(backend, BatchingBackend)
+    c = _connect(raw_clients, batch_served)
+    c.go()
+    blocks = {i: os.urandom(4096) for i in range(BatchingBackend.group)}
+    for i, block in blocks.items():
+        c.request(nbd.CMD_WRITE, i * 4096, 4096, cookie=10 + i, data=block)
+    assert sorted(c.reply()[1] for _ in blocks) == [10 + i for i in blocks]
+    for i in blocks:   # READ data stays valid until the deferred reply is sent
+        c.request(nbd.CMD_READ, i * 4096, 4096, cookie=20 + i)
+    got = {}
+    for _ in blocks:
+        err, cookie, data = c.reply(4096)
+        assert err == 0
+        got[cookie - 20] = data
+    assert got == blocks
+    assert backend.queued == [BatchingBackend.group] * 2
+    c.request(nbd.CMD_DISC)
+    assert c.at_eof()
 
 
 def test_client_vanishing_mid_payload(raw_served: Served, raw_clients: list[Raw]) -> None:

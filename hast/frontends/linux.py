@@ -111,6 +111,9 @@ class LinuxFrontend:
             _scheme, host, port = parse_address(tcp, 10809)
             self.server.listen_tcp(host, port)
         self.server.start()
+        # completion threads answer a burst of requests with one sendmsg per connection
+        p.defer_replies = nbd.defer_replies
+        p.send_replies = nbd.send_deferred_replies
         log.info(f"Serving NBD export '{name}' on {sockpath}"
                  + (f" and tcp://{tcp}" if tcp else "") + ".")
         if settings.devdir != "none":

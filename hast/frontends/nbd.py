@@ -25,10 +25,15 @@ would only multiply replication round trips.  A WRITE longer than ``MAX_PAYLOAD`
 skipped safely and drops the connection; a READ that long gets EINVAL.
 
 Threads: one accept thread per server and one reader thread per connection.  The reader
-parses headers with ``recv_into`` into a preallocated buffer and receives WRITE payloads
-into page-aligned buffers from a pool (O_DIRECT-safe, no zero-filling per request).  The
-backend completes requests from any thread; ``Request.complete`` sends the reply with one
-``sendmsg`` under a per-connection lock.  Each connection bounds its in-flight requests
+receives through a read-ahead buffer (``_RequestReader``): at queue depth N one ``recv``
+brings several request headers and small WRITE payloads, where reading each header and each
+payload exactly would cost two system calls per request; payloads are copied into
+page-aligned buffers from a pool (O_DIRECT-safe, no zero-filling per request), large ones
+received into them directly.  The backend completes requests from any thread;
+``Request.complete`` sends the reply with one ``sendmsg`` under a per-connection lock, or,
+in a thread that called ``defer_replies()`` (the HAST primary's completion threads, which
+complete requests in bursts), queues it until ``send_deferred_replies()``, which sends the
+burst with one ``sendmsg`` per connection.  Each connection bounds its in-flight requests
 (count and bytes), which bounds the memory a fast client can make the server hold.
 """
 
@@ -135,6 +140,16 @@ SHUTDOWN_SEND_TIMEOUT = 2
 # Per connection: beyond these the reader stops reading until replies go out.
 MAX_INFLIGHT_REQUESTS = 512
 MAX_INFLIGHT_BYTES = 64 << 20
+# The reader's read-ahead buffer and the most one recv() asks for: a 64 KiB chunk holds the
+# headers and payloads of ~15 queued 4 KiB WRITEs.  A payload larger than SMALL_PAYLOAD is
+# received straight into its buffer (only what was already read ahead is copied).
+READ_AHEAD = 256 << 10
+RECV_CHUNK = 64 << 10
+SMALL_PAYLOAD = 64 << 10
+# Send buffer asked for on UNIX connections (see NBDServer._adopt).
+UNIX_SNDBUF = 4 << 20
+# Deferred replies sent with one sendmsg: two buffers each, IOV_MAX is 1024.
+_REPLY_BATCH = 256
 
 _HOST_TO_NBD_ERRNO = {
     0: 0,
@@ -302,6 +317,93 @@ def _recv_bytes(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+class _RequestReader:
+    """The transmission phase's input through a read-ahead buffer (see the module docstring).
+
+    Only used after the handshake, which reads exactly what each option holds, so nothing a
+    client pipelines behind NBD_OPT_GO is lost.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray(READ_AHEAD)
+        self.view = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+
+    def take(self, n: int) -> int:
+        """Offset in ``buf`` of the next n bytes (n <= SMALL_PAYLOAD), consumed."""
+        if self.end - self.start < n:
+            self._fill(n)
+        pos = self.start
+        self.start = pos + n
+        return pos
+
+    def _fill(self, n: int) -> None:
+        avail = self.end - self.start
+        if avail == 0:
+            self.start = self.end = 0
+        elif self.start + n > len(self.buf) - RECV_CHUNK:
+            self.view[:avail] = self.view[self.start:self.end]
+            self.start, self.end = 0, avail
+        while self.end - self.start < n:
+            got = self.sock.recv_into(self.view[self.end:self.end + RECV_CHUNK])
+            if got == 0:
+                have = self.end - self.start
+                raise _Disconnected("end of stream" if have == 0 else
+                                    f"end of stream after {have} of {n} bytes")
+            self.end += got
+
+    def into(self, dest: memoryview, n: int) -> None:
+        """The next n bytes into dest[:n]."""
+        if n <= SMALL_PAYLOAD:
+            pos = self.take(n)
+            dest[:n] = self.view[pos:pos + n]
+            return
+        k = min(n, self.end - self.start)
+        if k:
+            dest[:k] = self.view[self.start:self.start + k]
+            self.start += k
+        if k < n:
+            _recv_exact(self.sock, dest[k:], n - k)
+
+
+_deferred = threading.local()
+
+
+def defer_replies() -> None:
+    """From now on, replies to requests this thread completes wait for
+    send_deferred_replies() (call it before this thread blocks)."""
+    if getattr(_deferred, "replies", None) is None:
+        _deferred.replies = []
+
+
+def send_deferred_replies(stop: bool = False) -> None:
+    """Send the replies this thread deferred, one sendmsg per connection; ``stop``: and
+    send replies at once again."""
+    replies = getattr(_deferred, "replies", None)
+    if replies is None:
+        return
+    _deferred.replies = None if stop else []
+    if not replies:
+        return
+    by_conn: dict[_Connection, list] = {}
+    for item in replies:
+        by_conn.setdefault(item[0], []).append(item)
+    for conn, items in by_conn.items():
+        for first in range(0, len(items), _REPLY_BATCH):
+            chunk = items[first:first + _REPLY_BATCH]
+            parts: list = []
+            for item in chunk:
+                parts.extend(item[1])
+            conn._send(parts)
+            conn._replied(len(chunk))
+            pool = conn.server._pool
+            for item in chunk:
+                if item[2] is not None:
+                    pool.put(item[2])
+
+
 class _Connection:
     """One client: handshake, then the reader loop; replies come from backend threads."""
 
@@ -374,18 +476,29 @@ class _Connection:
         if owned:
             err = _HOST_TO_NBD_ERRNO.get(err, NBD_EIO) if err else 0
             if req.cmd == CMD_READ and not err:
-                self._send([_REPLY_HDR.pack(SIMPLE_REPLY_MAGIC, 0, req._cookie), req.buf])
+                parts = [_REPLY_HDR.pack(SIMPLE_REPLY_MAGIC, 0, req._cookie), req.buf]
             else:
-                self._send([_REPLY_HDR.pack(SIMPLE_REPLY_MAGIC, err, req._cookie)])
-            with cv:
-                self._replying -= 1
-                if self._reader_waiting:
-                    cv.notify_all()
+                parts = [_REPLY_HDR.pack(SIMPLE_REPLY_MAGIC, err, req._cookie)]
+            deferred = getattr(_deferred, "replies", None)
+            if deferred is not None:
+                # sent (and the buffer recycled) by send_deferred_replies()
+                deferred.append((self, parts, req._pbuf))
+                req._pbuf = None
+                return
+            self._send(parts)
+            self._replied(1)
         # Not owned: stop() already answered it with ESHUTDOWN; the backend is done with the
         # buffer only now.
         if req._pbuf is not None:
             self.server._pool.put(req._pbuf)
             req._pbuf = None
+
+    def _replied(self, count: int) -> None:
+        cv = self._cv
+        with cv:
+            self._replying -= count
+            if self._reader_waiting:
+                cv.notify_all()
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -567,20 +680,16 @@ class _Connection:
         flush_ok = bool(tflags & TFLAG_SEND_FLUSH)
         trim_ok = bool(tflags & TFLAG_SEND_TRIM)
         zero_ok = bool(tflags & TFLAG_SEND_WRITE_ZEROES)
-        hdr = bytearray(28)
-        hview = memoryview(hdr)
+        reader = _RequestReader(sock)
+        rbuf = reader.buf
+        take = reader.take
         unpack = _REQ_HDR.unpack_from
         cv = self._cv
         inflight = self._inflight
         submit = backend.submit
 
         while True:
-            got = sock.recv_into(hview, 28, _MSG_WAITALL)
-            if got != 28:
-                if got == 0:
-                    raise _Disconnected("end of stream")
-                _recv_exact(sock, hview[got:], 28 - got)
-            magic, flags, cmd, cookie, offset, length = unpack(hdr)
+            magic, flags, cmd, cookie, offset, length = unpack(rbuf, take(28))
             if magic != REQUEST_MAGIC:
                 raise _ProtocolError(f"bad request magic {magic:#x}")
 
@@ -592,7 +701,7 @@ class _Connection:
                 if length:
                     pbuf = pool.get(length)
                     buf = memoryview(pbuf)[:length]
-                    _recv_exact(sock, buf, length)
+                    reader.into(buf, length)
             elif cmd == CMD_DISC:
                 log.debug(1, f"NBD {self.peer}: DISC.")
                 self._drain()
@@ -837,6 +946,13 @@ class NBDServer:
         else:
             self._nconn += 1
             peer = f"{label}#{self._nconn}"
+            # A UNIX stream socket has no autotuning: with the default send buffer (~208 KiB)
+            # a 1 MiB READ reply costs several sleeps until the client has read the rest.
+            # Best effort: the kernel caps it at net.core.wmem_max.
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
+            except OSError:
+                pass
         conn = _Connection(self, sock, peer)
         with self._lock:
             if self._stopped:
