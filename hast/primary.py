@@ -165,6 +165,11 @@ class MapWriter:
     system refusing O_DIRECT) it is FreeBSD's way: the whole image, then a cache flush.
     Clearing bits (write_complete) is never urgent -- a bit left set only costs a needless
     resync -- so it rides along with the next write of the image.
+
+    A write whose bits are already set in memory is dispatched at once when they are set in
+    the image on disk *and* in the image being written (``storing``): that one may clear a
+    bit that is on disk now (taken before the bit was set again), and once it is stored the
+    write would be in flight on a clean extent.
     """
 
     def __init__(self, primary: Primary) -> None:
@@ -179,6 +184,7 @@ class MapWriter:
         self.written_gen = 0                    # the generation last written
         self.waiting: list[HIO] = []
         self.clean_pending = False
+        self.storing: bytes | None = None       # the image being written, if any
         self.stopping = False
         self.ondisk = bytes(self.size)          # the image last written
         self.image = _io.AlignedBuffer(max(self.size, 4096))
@@ -196,12 +202,15 @@ class MapWriter:
         self.ondisk = bytes(image[:self.size]).ljust(self.size, b"\0")
 
     def covered(self, offset: int, length: int) -> bool:
-        """Every extent of [offset, offset+length) is dirty in the image on disk (cv held)."""
-        ondisk = self.ondisk
+        """Every extent of [offset, offset+length) is dirty in the image on disk and in the
+        one being written (cv held)."""
         shift = self.shift
-        for ext in range(offset >> shift, ((offset + length - 1) >> shift) + 1):
-            if not (ondisk[ext >> 3] >> (ext & 7)) & 1:
-                return False
+        for image in (self.ondisk, self.storing):
+            if image is None:
+                continue
+            for ext in range(offset >> shift, ((offset + length - 1) >> shift) + 1):
+                if not (image[ext >> 3] >> (ext & 7)) & 1:
+                    return False
         return True
 
     def write_start(self, hio: HIO) -> bool:
@@ -257,10 +266,14 @@ class MapWriter:
             with self.cv:
                 gen = self.dirty_gen
                 self.clean_pending = False
-                image = self.amap.bitmap()
+                image = self.storing = self.amap.bitmap()
             if update:
                 p.stats.activemap_update += 1
-            self._store(image)
+            try:
+                self._store(image)
+            finally:
+                with self.cv:
+                    self.storing = None
             with self.cv:
                 self.written_gen = max(self.written_gen, gen)
                 if not self.waiting:

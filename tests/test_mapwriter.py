@@ -1,0 +1,126 @@
+"""hast.primary.MapWriter on a real file: a WRITE is dispatched only once the dirty bit of
+each extent it touches is on disk and stays there.
+
+The writer thread, the group commit and the image on disk are the real ones; the primary
+around them is a stand-in that records what the map writer dispatches.  No timing: a store
+is held in flight with an event, and every wait has a generous deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from hast import metadata
+from hast.activemap import ActiveMap
+from hast.primary import HIO, HIO_WRITE, MapWriter, Stats
+
+EXTENT = 1 << 20
+DATASIZE = 64 * EXTENT
+SECTOR = 512
+
+
+class StandInPrimary:
+    """What MapWriter uses of hast.primary.Primary."""
+
+    def __init__(self, path: Path, keepdirty: int) -> None:
+        with open(path, "wb") as fh:
+            fh.truncate(metadata.METADATA_SIZE + 1024 * 1024)
+        self.extentsize = EXTENT
+        self.sectorsize = SECTOR
+        self.res = SimpleNamespace(local=str(path), metaflush=True)
+        self.stats = Stats()
+        self.mdfd = os.open(path, os.O_RDWR)
+        self.amap = ActiveMap(DATASIZE, EXTENT, SECTOR, keepdirty)
+        self.dispatched: list[HIO] = []
+        self.cond = threading.Condition()
+
+    def dispatch_writes(self, hios: list[HIO]) -> None:
+        with self.cond:
+            self.dispatched.extend(hios)
+            self.cond.notify_all()
+
+    def wait_dispatched(self, hio: HIO) -> None:
+        with self.cond:
+            assert self.cond.wait_for(lambda: hio in self.dispatched, 30), "not dispatched"
+
+    def disk_image(self, size: int) -> bytes:
+        return os.pread(self.mdfd, size, metadata.METADATA_SIZE)
+
+
+@pytest.fixture
+def mapw(tmp_path: Path):
+    p = StandInPrimary(tmp_path / "provider", keepdirty=1)
+    w = MapWriter(p)  # type: ignore[arg-type]
+    p.mapw = w
+    try:
+        yield w
+    finally:
+        w.stop()
+        w.close()
+        os.close(p.mdfd)
+
+
+def _write(ext: int) -> HIO:
+    return HIO(HIO_WRITE, ext * EXTENT, 4096, None, lambda err: None)
+
+
+def _bit(image: bytes, ext: int) -> int:
+    return (image[ext >> 3] >> (ext & 7)) & 1
+
+
+def _start(w: MapWriter, hio: HIO) -> None:
+    """write_start() as Primary.submit_write does it."""
+    if w.write_start(hio):
+        w.primary.dispatch_writes([hio])
+
+
+def test_write_waits_for_its_bit_on_disk(mapw: MapWriter) -> None:
+    p = mapw.primary
+    h = _write(3)
+    assert mapw.write_start(h) is False           # its bit is not on disk yet
+    p.wait_dispatched(h)
+    assert _bit(p.disk_image(mapw.size), 3) == 1
+    h2 = _write(3)
+    assert mapw.write_start(h2) is True           # on disk already: dispatched at once
+
+
+def test_no_dispatch_while_the_image_being_written_clears_the_bit(mapw: MapWriter) -> None:
+    # keepdirty 1: a write to extent 1 evicts extent 0 from the map.  While the image
+    # without extent 0 is being stored, extent 0 is written again (h2 waits for the next
+    # image) and once more (h3): extent 0 is still set on disk, but not in the image
+    # about to land there, so h3 must wait too.
+    p = mapw.primary
+    h0 = _write(0)
+    _start(mapw, h0)
+    p.wait_dispatched(h0)
+    mapw.write_complete(h0.offset, h0.length)
+    assert _bit(p.disk_image(mapw.size), 0) == 1
+
+    entered, release = threading.Event(), threading.Event()
+    real_store = mapw._store
+
+    def held_store(image: bytes) -> None:
+        entered.set()
+        assert release.wait(30)
+        real_store(image)
+
+    mapw._store = held_store  # type: ignore[method-assign]
+    h1 = _write(1)
+    _start(mapw, h1)                               # evicts extent 0: the writer stores
+    assert entered.wait(30)
+    assert mapw.storing is not None and _bit(mapw.storing, 0) == 0
+    h2 = _write(0)
+    assert mapw.write_start(h2) is False
+    h3 = _write(0)
+    assert mapw.write_start(h3) is False, "dispatched while its bit is being cleared on disk"
+    mapw._store = real_store  # type: ignore[method-assign]
+    release.set()
+    for h in (h1, h2, h3):
+        p.wait_dispatched(h)
+    assert _bit(p.disk_image(mapw.size), 0) == 1
+    assert mapw.storing is None
