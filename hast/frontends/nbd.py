@@ -432,7 +432,7 @@ class _Connection:
         if self._closed:
             return False
         try:
-            total = sum(len(p) for p in parts)
+            total = sum(map(len, parts))
             sent = self.sock.sendmsg(parts)
             while sent < total:
                 # Only a signal or SO_SNDTIMEO can cut a blocking sendmsg short.
