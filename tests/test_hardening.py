@@ -19,8 +19,6 @@
   exit 78 when a user that was asked for does not exist, and Linux's documented fallback
   when the default ``hast`` user is missing.
 
-xfail(strict=True) marks rules whose code belongs to files being changed by others; the
-reason says exactly what must change there.
 """
 
 from __future__ import annotations
