@@ -18,7 +18,6 @@
   secondary worker running as the unprivileged user with replication working, FreeBSD's
   exit 78 when a user that was asked for does not exist, and Linux's documented fallback
   when the default ``hast`` user is missing.
-
 """
 
 from __future__ import annotations
