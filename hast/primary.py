@@ -703,7 +703,9 @@ class Primary:
         conn = self.conn
         return conn is not None and conn.up
 
-    def submit_read(self, offset: int, length: int, buf: memoryview, done) -> None:
+    def submit_read(self, offset: int, length: int, buf: memoryview, done,
+                    batch: list[HIO] | None = None) -> None:
+        """``batch``: a local read is appended there, for dispatch_batch()."""
         self.stats.read += 1
         hio = HIO(HIO_READ, offset, length, buf, done)
         hio.countdown = 1
@@ -716,6 +718,8 @@ class Primary:
         elif self.syncsrc == SYNCSRC_SECONDARY and self.connected:
             # the whole local copy is stale while synchronizing from the secondary
             self.remote_send(hio)
+        elif batch is not None:
+            batch.append(hio)
         else:
             self.local.submit(hio)
 
@@ -724,7 +728,9 @@ class Primary:
         return any(e in self.stale for e in range(offset // es, (offset + length - 1) // es + 1))
 
     def submit_write(self, offset: int, length: int, buf: memoryview, done,
-                     fua: bool = False) -> None:
+                     fua: bool = False, batch: list[HIO] | None = None) -> None:
+        """``batch``: a write that may be dispatched at once is appended there instead, for
+        dispatch_batch()."""
         self.stats.write += 1
         hio = HIO(HIO_WRITE, offset, length, buf, done, "fullsync" if fua else self.mode)
         hio.fua = fua
@@ -735,7 +741,10 @@ class Primary:
         hio.lockkey = self.ranges.lock_regular(offset, length)
         self._track(1)
         if self.mapw.write_start(hio):
-            self.dispatch_write(hio)
+            if batch is not None:
+                batch.append(hio)
+            else:
+                self.dispatch_write(hio)
         # else: dispatched by the map writer once its extents are dirty on disk
 
     def dispatch_write(self, hio: HIO) -> None:
@@ -754,6 +763,13 @@ class Primary:
             hio.countdown = 2
         self.remote_send_many(hios)
         self.local.submit_many(hios)
+
+    def dispatch_batch(self, reads: list[HIO], writes: list[HIO]) -> None:
+        """What submit_read()/submit_write() put in their batches."""
+        if writes:
+            self.dispatch_writes(writes)
+        if reads:
+            self.local.submit_many(reads)
 
     def submit_delete(self, offset: int, length: int, done) -> None:
         self.stats.delete += 1

@@ -91,6 +91,20 @@ class GatedBackend(FileBackend):
             self._queue.put(req)
 
 
+class SubmitManyBackend(FileBackend):
+    """Has submit_many(), as the HAST primary's backend: records the batch sizes."""
+
+    def __init__(self, *args, **kw) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kw)
+        self.batches: list[int] = []
+
+    def submit_many(self, reqs: list[Request]) -> None:
+        assert all(r.cmd in (nbd.CMD_READ, nbd.CMD_WRITE) for r in reqs)
+        self.batches.append(len(reqs))
+        for req in reqs:
+            super().submit(req)
+
+
 class BatchingBackend(FileBackend):
     """Executes requests in groups of ``group`` in one thread that defers its replies, as
     the HAST primary's completion threads do; records how many replies each group had
@@ -175,6 +189,11 @@ def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Served]:
 @pytest.fixture
 def raw_served(tmp_path: Path) -> Iterator[Served]:
     yield from _serve(tmp_path, max_request=256 << 10)
+
+
+@pytest.fixture(params=[FileBackend, SubmitManyBackend], ids=["submit", "submit_many"])
+def pipe_served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Served]:
+    yield from _serve(tmp_path, request.param, max_request=256 << 10)
 
 
 @pytest.fixture
@@ -662,7 +681,8 @@ def test_replies_out_of_order(gated_served: Served, raw_clients: list[Raw]) -> N
     assert c.reply(8192) == (0, 1, bytes(4096) + b"\x33" * 4096)
 
 
-def test_pipelined_requests_then_disc(raw_served: Served, raw_clients: list[Raw]) -> None:
+def test_pipelined_requests_then_disc(pipe_served: Served, raw_clients: list[Raw]) -> None:
+    raw_served = pipe_served
     c = _connect(raw_clients, raw_served)
     c.go()
     blocks = {i: os.urandom(4096) for i in range(64)}
@@ -681,10 +701,11 @@ def test_pipelined_requests_then_disc(raw_served: Served, raw_clients: list[Raw]
         assert image[i * 8192:i * 8192 + 4096] == block
 
 
-def test_pipelined_payloads_of_every_size(raw_served: Served, raw_clients: list[Raw]) -> None:
+def test_pipelined_payloads_of_every_size(pipe_served: Served, raw_clients: list[Raw]) -> None:
     # One sendall of WRITEs whose payloads fall on every side of the reader's limits (read
-    # ahead, copied out of it, received directly), then READs of all of them.
-    c = _connect(raw_clients, raw_served)
+    # ahead, copied out of it, received directly), then READs of all of them; with a
+    # submit_many() backend they go down in batches.
+    c = _connect(raw_clients, pipe_served)
     c.go()
     sizes = [512, 4096, 512, nbd.SMALL_PAYLOAD - 512, nbd.SMALL_PAYLOAD, 4096,
              nbd.SMALL_PAYLOAD + 512, nbd.RECV_CHUNK + 4096, 512, nbd.READ_AHEAD + 4096,
@@ -715,6 +736,25 @@ def test_pipelined_payloads_of_every_size(raw_served: Served, raw_clients: list[
         got[cookie] = c.recv(len(blocks[cookie - 500]))
     sender.join(30)
     assert got == {500 + i: block for i, block in enumerate(blocks)}
+    backend = pipe_served.backend
+    if isinstance(backend, SubmitManyBackend):
+        assert max(backend.batches) > 1
+
+
+def test_batches_respect_the_inflight_bound(raw_clients: list[Raw], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # More pipelined READs than the in-flight bound: the reader hands its batch over before
+    # it waits for completions (else it would wait on requests the backend never got).
+    monkeypatch.setattr(nbd, "MAX_INFLIGHT_REQUESTS", 8)
+    for served in _serve(tmp_path, SubmitManyBackend, direct=True):   # completed by workers
+        c = _connect(raw_clients, served)
+        c.go()
+        stream = b"".join(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, nbd.CMD_READ, i,
+                                      i * 4096, 4096) for i in range(100))
+        sender = threading.Thread(target=c.sock.sendall, args=(stream,))
+        sender.start()
+        assert sorted(c.reply(4096)[1] for _ in range(100)) == list(range(100))
+        sender.join(30)
 
 
 def test_deferred_replies_go_out_together(batch_served: Served, raw_clients: list[Raw]) -> None:
