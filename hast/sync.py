@@ -178,7 +178,12 @@ class Synchronizer:
             retry = sorted(self.retry.items())
             self.retry.clear()
         if retry:
-            p.mapw.update_lazily(lambda: [self._remark(*r) for r in retry].count(True) > 0)
+            def remark_all() -> bool:
+                for ext, rounds in retry:
+                    self._remark(ext, rounds)
+                return True
+
+            p.mapw.update_lazily(remark_all)
         if not self._alive(gen):
             spent = format_duration(int(time.monotonic() - started))
             log.info(f"Synchronization interrupted after {spent}. "
@@ -251,7 +256,10 @@ class Synchronizer:
                 # extent (merge() assigns the reservation, it does not add one): mark it
                 # again rather than clear it, so the pass now running copies it once more.
                 return self._remark(ext, rounds)
-            return [p.amap.extent_complete(ext) for _ in range(rounds)][-1]
+            cleared = False
+            for _ in range(rounds):
+                cleared = p.amap.extent_complete(ext)   # True once the last one clears it
+            return cleared
 
         # Clearing a bit is never urgent (a bit left set costs a needless resync): the map
         # writer stores it later.
