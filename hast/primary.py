@@ -530,22 +530,6 @@ def _send_rest(sock: socket.socket, parts: list, sent: int) -> None:
         proto.sendall_parts(sock, views[start:start + _IOV_BATCH])
 
 
-_MSG_WAITALL = getattr(socket, "MSG_WAITALL", 0)
-
-
-def _recv_all(sock: socket.socket, view: memoryview) -> None:
-    """proto.recv_exact_into() with MSG_WAITALL: a large payload in one recv() call."""
-    got, total = 0, len(view)
-    while got < total:
-        try:
-            n = sock.recv_into(view[got:] if got else view, total - got, _MSG_WAITALL)
-        except (TimeoutError, BlockingIOError):
-            raise proto.ProtoError(errno.ETIMEDOUT, "Operation timed out") from None
-        if n == 0:
-            raise proto.ProtoError(errno.ENOTCONN, "Connection closed by peer")
-        got += n
-
-
 class _ReplyReader:
     """Connection #2 through a read-ahead buffer: frames are parsed in place (hast._wire),
     payloads are copied out of what was read ahead and the rest is received directly."""
@@ -576,7 +560,7 @@ class _ReplyReader:
             dest[:n] = self.view[self.start:self.start + n]
             self.start += n
         if n < len(dest):
-            _recv_all(self.sock, dest[n:])
+            proto.recv_exact_into(self.sock, dest[n:])
 
     def skip(self, size: int) -> None:
         n = min(size, self.end - self.start)

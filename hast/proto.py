@@ -41,13 +41,19 @@ class ProtoError(OSError):
         super().__init__(err, text)
 
 
+_MSG_WAITALL = getattr(socket, "MSG_WAITALL", 0)
+
+
 def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` from the stream; EOF is ENOTCONN as in FreeBSD's proto_common.c."""
+    """Fill ``view`` from the stream; EOF is ENOTCONN as in FreeBSD's proto_common.c.
+
+    MSG_WAITALL: a large payload arrives in one recv() call instead of one per segment.  A
+    receive timeout (settimeout, or SO_RCVTIMEO: EAGAIN) is ETIMEDOUT."""
     got, total = 0, len(view)
     while got < total:
         try:
-            n = sock.recv_into(view[got:], total - got)
-        except TimeoutError:
+            n = sock.recv_into(view[got:] if got else view, total - got, _MSG_WAITALL)
+        except (TimeoutError, BlockingIOError):
             raise ProtoError(errno.ETIMEDOUT, "Operation timed out") from None
         if n == 0:
             raise ProtoError(errno.ENOTCONN, "Connection closed by peer")

@@ -257,22 +257,6 @@ class _Hio:
         return f"{name}({self.offset}, {self.length})."
 
 
-_MSG_WAITALL = getattr(socket, "MSG_WAITALL", 0)
-
-
-def _recv_all(sock: socket.socket, view: memoryview) -> None:
-    """proto.recv_exact_into() with MSG_WAITALL: a large payload in one recv() call."""
-    got, total = 0, len(view)
-    while got < total:
-        try:
-            n = sock.recv_into(view[got:] if got else view, total - got, _MSG_WAITALL)
-        except (TimeoutError, BlockingIOError):
-            raise proto.ProtoError(errno.ETIMEDOUT, "Operation timed out") from None
-        if n == 0:
-            raise proto.ProtoError(errno.ENOTCONN, "Connection closed by peer")
-        got += n
-
-
 class _Reader:
     """Frames from a stream socket through a read-ahead buffer (proto.recv_frame's rules).
 
@@ -344,7 +328,7 @@ class _Reader:
             dest[:n] = self.view[self.start:self.start + n]
             self.start += n
         if n < len(dest):
-            _recv_all(self.sock, dest[n:])
+            proto.recv_exact_into(self.sock, dest[n:])
 
 
 class _Fatal(Exception):
