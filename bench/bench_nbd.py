@@ -4,8 +4,10 @@ Everything runs in one invocation on this machine, so every ratio compares figur
 minutes apart under the same conditions:
 
 * references, each serving its own 2 GiB file on the same filesystem as py-hast's providers:
-  ``nbdkit file`` (C, buffered), ``qemu-nbd --cache=none --aio=native`` (C, O_DIRECT) and
-  nbdkit's python plugin running bench/nbdkit_pyfile.py (what plain Python costs);
+  ``nbdkit file`` (C, buffered), ``qemu-nbd --cache=none --aio=native`` (C, O_DIRECT),
+  nbdkit's python plugin running bench/nbdkit_pyfile.py (what plain Python costs), and
+  ``fio-direct``: fio's libaio engine with O_DIRECT on its file, no server at all -- the
+  disk's own ceiling for one copy (py-hast writes two, to the same disk);
 * py-hast: two nodes in network namespaces (tests.hastpair), each provider a file on the same
   filesystem, the primary's NBD UNIX socket driven by the same clients, in ``fullsync``,
   ``memsync``, ``async`` and ``degraded`` (the secondary stopped: local overhead only).
@@ -61,7 +63,7 @@ from tests.hastpair import HastPair  # noqa: E402
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 RESOURCE = "bench"
 PRIMARY, SECONDARY = "hasta", "hastb"
-REFS = ("nbdkit-file", "qemu-nbd", "nbdkit-python")
+REFS = ("nbdkit-file", "qemu-nbd", "nbdkit-python", "fio-direct")
 MODES = ("fullsync", "memsync", "async", "degraded")
 
 
@@ -112,6 +114,7 @@ class Options:
     sync_runs: int = 3
     resync_fraction: float = 0.01
     direct: bool = True
+    keepdirty: int = 0          # hastctl create -k (0: its default, FreeBSD's 64)
     quick: bool = False
     keep: bool = False
 
@@ -185,14 +188,20 @@ class RefServer:
         elif name == "nbdkit-python":
             self.argv = ["nbdkit", "-f", "--unix", str(self.sock), "python",
                          str(HERE / "nbdkit_pyfile.py"), f"file={image}"]
+        elif name == "fio-direct":
+            self.argv = []      # no server: fio's libaio engine on the file itself
         else:
             raise ValueError(name)
 
     @property
     def uri(self) -> str:
+        if not self.argv:
+            return f"file:{self.image}"
         return f"nbd+unix:///?socket={self.sock}"
 
     def start(self) -> None:
+        if not self.argv:
+            return
         with open(self.logpath, "ab") as out:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
@@ -220,9 +229,10 @@ class RefServer:
 class Hast:
     """The py-hast pair: providers, daemons, roles, modes, and the sync measurements."""
 
-    def __init__(self, workdir: Path, size: int, direct: bool) -> None:
+    def __init__(self, workdir: Path, size: int, direct: bool, keepdirty: int = 0) -> None:
         # provider = metadata + activemap + data: 1 MiB more leaves at least `size` of data
         self.size = size
+        self.create_opts = ("-k", str(keepdirty)) if keepdirty else ()
         self.mode = "fullsync"
         self.degraded = False
         self.pair = HastPair(workdir, size=size + MiB, resource=RESOURCE,
@@ -248,7 +258,7 @@ class Hast:
         p = self.pair
         fill_random(p.disk(PRIMARY), self.size + MiB)
         for node in (PRIMARY, SECONDARY):
-            p.create(node)
+            p.create(node, *self.create_opts)
             p.start(node)
         # First pairing: the primary is virgin, nothing is synchronized.
         p.role(SECONDARY, "secondary")
@@ -365,7 +375,7 @@ class Hast:
         p = self.pair
         self.ctl(PRIMARY, "role", "init", RESOURCE)
         self.ctl(SECONDARY, "role", "init", RESOURCE)
-        p.create(SECONDARY)
+        p.create(SECONDARY, *self.create_opts)
         p.role(SECONDARY, "secondary")
         return self._promote_timed(client_cpus)
 
@@ -407,8 +417,15 @@ def _unhumanize(text: str) -> int:
 
 def run_fio(uri: str, job: Job, opts: Options, tmp: Path) -> dict:
     out = tmp / "fio.json"
-    argv = ["taskset", "-c", opts.client_cpus, "fio", "--name=bench", "--ioengine=nbd",
-            f"--uri={uri}", f"--size={opts.size}", f"--rw={job.rw}", f"--bs={job.bs}",
+    if uri.startswith("file:"):
+        # The disk's own figure (one copy, no server): fio submits O_DIRECT through native
+        # AIO from the server CPUs, as the servers' disk I/O would be.
+        where = ["taskset", "-c", opts.server_cpus, "fio", "--name=bench", "--ioengine=libaio",
+                 "--direct=1", f"--filename={uri[5:]}"]
+    else:
+        where = ["taskset", "-c", opts.client_cpus, "fio", "--name=bench", "--ioengine=nbd",
+                 f"--uri={uri}"]
+    argv = [*where, f"--size={opts.size}", f"--rw={job.rw}", f"--bs={job.bs}",
             f"--iodepth={job.qd}", f"--runtime={opts.runtime:g}", "--time_based",
             f"--ramp_time={opts.ramp:g}", "--output-format=json", f"--output={out}"]
     if job.flush:
@@ -577,7 +594,8 @@ def render(res: Results) -> str:
     out.append(f"placement: clients on CPU {res.opts.client_cpus}, servers on CPU "
                f"{res.opts.server_cpus}; {res.opts.runs} runs x {res.opts.runtime:g} s "
                f"(+{res.opts.ramp:g} s ramp), {res.opts.size // MiB} MiB files on "
-               f"{m.get('filesystem')}; py-hast direct={'on' if res.opts.direct else 'off'}; "
+               f"{m.get('filesystem')}; py-hast direct={'on' if res.opts.direct else 'off'}, "
+               f"keepdirty {res.opts.keepdirty or 'default'}; "
                f"load average {m.get('loadavg_start')} -> {m.get('loadavg_end')}")
     out.append("median (min..max); MiB/s for 1 MiB jobs, IOPS for 4 KiB jobs")
     rows = []
@@ -735,7 +753,7 @@ def suite(opts: Options) -> Results:
             servers[name].start()
         src = base / "source.img"
         fill_random(src, opts.size)
-        hast = Hast(base / "pair", opts.size, opts.direct)
+        hast = Hast(base / "pair", opts.size, opts.direct, opts.keepdirty)
         hast.create_and_start()
 
         # Copies: nbdcopy into nbdkit file against the initial sync, interleaved.
@@ -833,12 +851,14 @@ def options(argv: list[str]) -> Options:
     ap.add_argument("--server-cpus", default=server)
     ap.add_argument("--buffered", action="store_true",
                     help="py-hast.conf 'direct off' (default: py-hast's default, O_DIRECT)")
+    ap.add_argument("--keepdirty", type=int, default=0,
+                    help="hastctl create -k for both nodes (default: hastctl's, 64)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--workdir", type=Path, help="keep files here (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="do not delete the work directory")
     a = ap.parse_args(argv)
     o = Options(client_cpus=a.client_cpus, server_cpus=a.server_cpus, out=a.out,
-                workdir=a.workdir, direct=not a.buffered,
+                workdir=a.workdir, direct=not a.buffered, keepdirty=a.keepdirty,
                 keep=a.keep or a.workdir is not None)
     if a.quick:
         o.quick = True

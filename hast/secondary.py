@@ -112,6 +112,11 @@ DISK_THREADS = 4
 # The AIO reaper waits this long (s) for a completion before it looks at its stop flag again.
 # A stop wakes it at once (Ring.wake()); the timeout only matters where that cannot work.
 AIO_REAP_TIMEOUT = 1.0
+# A lone WRITE at most this long is written by the receive thread itself (see _start()).  A
+# bigger one goes through AIO even alone: its transfer outlasts a thread wake-up many times,
+# and writing it inline would stop the receiving of the next request meanwhile (the primary's
+# send stalls on a full window, so a sequential stream ran at disk-or-network, never both).
+INLINE_WRITE_MAX = 64 * 1024
 
 HIO_UNDEF, HIO_READ, HIO_WRITE, HIO_DELETE, HIO_FLUSH, HIO_KEEPALIVE = range(6)
 _CMD_NAMES = {HIO_READ: "READ", HIO_WRITE: "WRITE", HIO_DELETE: "DELETE",
@@ -947,6 +952,7 @@ class Secondary:
             if ring is not None:
                 if threading.get_ident() == self._recv_ident:
                     if (len(self._running) == 1 and not self._aio_batch
+                            and hio.length <= INLINE_WRITE_MAX
                             and not self._reader.ready()):
                         # Nothing else to do (queue depth 1): writing here costs less than
                         # waking the reaper, and the reply leaves before the next recv.

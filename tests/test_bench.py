@@ -23,7 +23,8 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     doc = json.loads((out / "nbd.json").read_text())
-    systems = {"nbdkit-file", "qemu-nbd", "nbdkit-python", "hast-fullsync", "hast-degraded"}
+    systems = {"nbdkit-file", "qemu-nbd", "nbdkit-python", "fio-direct", "hast-fullsync",
+               "hast-degraded"}
     assert set(doc["fio"]) == systems
     for system, jobs in doc["fio"].items():
         assert set(jobs) == set(doc["jobs"]), system
