@@ -74,6 +74,9 @@ RECV_POLL = 1
 # Flags of preadv2/pwritev2 (Linux); absent elsewhere, and the code then does without.
 RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)
+# With a buffered provider ('direct off'), bits are cleared on disk at most this often (s),
+# each time after an fdatasync of the data (see MapWriter).
+CLEAR_INTERVAL = 1.0
 
 
 
@@ -170,6 +173,13 @@ class MapWriter:
     the image on disk *and* in the image being written (``storing``): that one may clear a
     bit that is on disk now (taken before the bit was set again), and once it is stored the
     write would be in flight on a clean extent.
+
+    With a buffered provider ('direct off') a completed write may still be in the page cache
+    only, while the map goes to disk with RWF_DSYNC: clearing its bit on disk then would let
+    a power cut leave that extent differing from the peer's with nothing marking it.  So
+    there a bit is cleared on disk only by an image taken before an fdatasync() of the data
+    that succeeded; such a clearing store runs at most every CLEAR_INTERVAL seconds and never
+    while writes wait on the map (their images keep every bit that is on disk).
     """
 
     def __init__(self, primary: Primary) -> None:
@@ -186,6 +196,8 @@ class MapWriter:
         self.clean_pending = False
         self.storing: bytes | None = None       # the image being written, if any
         self.stopping = False
+        self.defer_clears = not primary.direct
+        self.clear_after = 0.0                  # monotonic time of the next clearing store
         self.ondisk = bytes(self.size)          # the image last written
         self.image = _io.AlignedBuffer(max(self.size, 4096))
         self.fd = -1
@@ -247,8 +259,14 @@ class MapWriter:
     def _run(self) -> None:
         while True:
             with self.cv:
-                while not self.waiting and not self.clean_pending and not self.stopping:
-                    self.cv.wait()
+                while not self.waiting and not self.stopping:
+                    if not self.clean_pending:
+                        self.cv.wait()
+                        continue
+                    delay = self.clear_after - time.monotonic() if self.defer_clears else 0
+                    if delay <= 0:
+                        break
+                    self.cv.wait(delay)
                 if self.stopping and not self.waiting:
                     return
             self.flush(update=True)
@@ -266,10 +284,23 @@ class MapWriter:
             with self.cv:
                 gen = self.dirty_gen
                 self.clean_pending = False
-                image = self.storing = self.amap.bitmap()
+                image = self.amap.bitmap()
+                clearing = False
+                if self.defer_clears:
+                    merged = self._or_ondisk(image)
+                    if merged != image:         # this image clears bits that are on disk
+                        if self.waiting or (update and time.monotonic() < self.clear_after):
+                            image, self.clean_pending = merged, True
+                        else:
+                            clearing = True
+                self.storing = image
             if update:
                 p.stats.activemap_update += 1
             try:
+                if clearing and not self._data_durable():
+                    with self.cv:
+                        image = self.storing = self._or_ondisk(image)
+                        self.clean_pending = True
                 self._store(image)
             finally:
                 with self.cv:
@@ -284,6 +315,24 @@ class MapWriter:
                 else:
                     self.waiting = [h for h in self.waiting if h.mapgen > gen]
         p.dispatch_writes(ready)
+
+    def _or_ondisk(self, image: bytes) -> bytes:
+        """``image`` with every bit of the image on disk set as well."""
+        n = len(image)
+        return (int.from_bytes(image, "little") | int.from_bytes(self.ondisk[:n], "little")
+                ).to_bytes(n, "little")
+
+    def _data_durable(self) -> bool:
+        """fdatasync() the provider before an image that clears bits is stored (lock held):
+        every write completed before that image was taken is then on disk."""
+        self.clear_after = time.monotonic() + CLEAR_INTERVAL
+        try:
+            _io.flush(self.primary.mdfd)
+        except OSError as exc:
+            log.warning(f"Unable to flush {self.primary.res.local} before clearing "
+                        f"activemap bits: {os.strerror(exc.errno or errno.EIO)}")
+            return False
+        return True
 
     def _store(self, image: bytes) -> None:
         p = self.primary

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+import hast.primary
 from hast import metadata
 from hast.activemap import ActiveMap
 from hast.primary import HIO, HIO_WRITE, MapWriter, Stats
@@ -33,6 +35,7 @@ class StandInPrimary:
         self.extentsize = EXTENT
         self.sectorsize = SECTOR
         self.res = SimpleNamespace(local=str(path), metaflush=True)
+        self.direct = True                      # O_DIRECT data (False: 'direct off')
         self.stats = Stats()
         self.mdfd = os.open(path, os.O_RDWR)
         self.amap = ActiveMap(DATASIZE, EXTENT, SECTOR, keepdirty)
@@ -52,9 +55,10 @@ class StandInPrimary:
         return os.pread(self.mdfd, size, metadata.METADATA_SIZE)
 
 
-@pytest.fixture
-def mapw(tmp_path: Path):
+@pytest.fixture(params=[True], ids=["direct"])
+def mapw(tmp_path: Path, request):
     p = StandInPrimary(tmp_path / "provider", keepdirty=1)
+    p.direct = request.param
     w = MapWriter(p)  # type: ignore[arg-type]
     p.mapw = w
     try:
@@ -124,3 +128,72 @@ def test_no_dispatch_while_the_image_being_written_clears_the_bit(mapw: MapWrite
         p.wait_dispatched(h)
     assert _bit(p.disk_image(mapw.size), 0) == 1
     assert mapw.storing is None
+
+
+@pytest.mark.parametrize("mapw", [False], ids=["buffered"], indirect=True)
+def test_buffered_provider_clears_a_bit_only_after_the_data_is_synced(
+        mapw: MapWriter, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 'direct off': a completed write may sit in the page cache, so extent 0's bit may leave
+    # the disk only in an image taken before an fdatasync() of the provider that succeeded.
+    p = mapw.primary
+    events: list[tuple] = []
+    real_flush, real_store = hast.primary._io.flush, mapw._store
+    failing = threading.Event()
+    failing.set()
+
+    def record(event: tuple) -> None:
+        with p.cond:
+            events.append(event)
+            p.cond.notify_all()
+
+    def flush(fd: int) -> None:
+        record(("sync", failing.is_set()))
+        if failing.is_set():
+            raise OSError(5, "Input/output error")
+        real_flush(fd)
+
+    def store(image: bytes) -> None:
+        real_store(image)
+        record(("store", _bit(image, 0)))
+
+    monkeypatch.setattr(hast.primary._io, "flush", flush)
+    monkeypatch.setattr(hast.primary, "CLEAR_INTERVAL", 0.05)
+    mapw._store = store  # type: ignore[method-assign]
+
+    h0 = _write(0)
+    _start(mapw, h0)
+    p.wait_dispatched(h0)
+    mapw.write_complete(h0.offset, h0.length)
+    h1 = _write(1)                                 # evicts extent 0 (keepdirty 1)
+    _start(mapw, h1)
+    p.wait_dispatched(h1)
+    # h1 waited on the map: that store kept extent 0's bit; then the syncs fail: kept still.
+    with p.cond:
+        assert p.cond.wait_for(lambda: events.count(("sync", True)) >= 2, 30)
+    assert ("store", 0) not in events
+    assert _bit(p.disk_image(mapw.size), 0) == 1
+    failing.clear()                                # the disk recovers
+    with p.cond:
+        assert p.cond.wait_for(lambda: ("store", 0) in events, 30), events
+    first_clear = events.index(("store", 0))
+    assert ("sync", False) in events[:first_clear]
+    assert _bit(p.disk_image(mapw.size), 0) == 0
+    assert _bit(p.disk_image(mapw.size), 1) == 1   # h1 never completed
+
+
+@pytest.mark.parametrize("mapw", [False], ids=["buffered"], indirect=True)
+def test_buffered_provider_sets_bits_without_waiting_for_a_sync(
+        mapw: MapWriter, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The urgent store (a write waits on its bit) never pays an fdatasync() of the data.
+    p = mapw.primary
+    syncs: list[int] = []
+    monkeypatch.setattr(hast.primary._io, "flush", lambda fd: syncs.append(fd))
+    mapw.clear_after = time.monotonic() + 3600     # no clearing store during the test
+    for ext in range(4):
+        h = _write(ext)
+        _start(mapw, h)
+        p.wait_dispatched(h)
+        mapw.write_complete(h.offset, h.length)
+    image = p.disk_image(mapw.size)
+    assert [_bit(image, ext) for ext in range(4)] == [1, 1, 1, 1]
+    assert syncs == []

@@ -112,6 +112,38 @@ def test_secondary_lost_then_only_dirty_extents_resync(pair: HastPair) -> None:
     assert_identical(pair)
 
 
+def test_buffered_providers_replicate_and_clear_bits_after_a_sync(tmp_path: Path) -> None:
+    # py-hast.conf 'direct off' on both nodes: the data goes through the page cache, and the
+    # primary clears a bit on disk only once an fdatasync() covers the extent's writes.
+    from hast.metadata import METADATA_SIZE
+
+    pair = HastPair(tmp_path, settings_extra="direct off\n")
+    try:
+        for name in ("hasta", "hastb"):
+            pair.create(name, "-k", "2")
+            pair.start(name)
+        pair.role("hastb", "secondary")
+        pair.role("hasta", "primary")
+        pair.wait_complete("hasta")
+        res = qemu_io(pair, "hasta", *(f"write -P {0x40 + i} {2 * i}M 64k" for i in range(6)))
+        assert res.returncode == 0, res.stdout + res.stderr
+
+        def ondisk_bits() -> set[int]:
+            with open(pair.disk("hasta"), "rb") as fh:
+                fh.seek(METADATA_SIZE)
+                first = fh.read(1)[0]
+            return {ext for ext in range(8) if first >> ext & 1}
+
+        # keepdirty 2: the two extents written last stay dirty, the four others are cleared
+        pair.wait("bits of evicted extents cleared on disk", lambda: ondisk_bits() == {4, 5})
+        res = qemu_io(pair, "hasta", *(f"read -P {0x40 + i} {2 * i}M 64k" for i in range(6)))
+        assert res.returncode == 0 and "Pattern verification failed" not in res.stdout, \
+            res.stdout
+        assert_identical(pair)
+    finally:
+        pair.close()
+
+
 def test_split_brain_detected_refused_and_recovered(tmp_path: Path) -> None:
     hook = tmp_path / "hook.sh"
     events = tmp_path / "events"
