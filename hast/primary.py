@@ -74,8 +74,8 @@ RECV_POLL = 1
 # Flags of preadv2/pwritev2 (Linux); absent elsewhere, and the code then does without.
 RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 RWF_DSYNC = getattr(os, "RWF_DSYNC", 0)
-# With a buffered provider ('direct off'), bits are cleared on disk at most this often (s),
-# each time after an fdatasync of the data (see MapWriter).
+# With a buffered provider ('direct off'): how often (s) the map writer's syncer runs an
+# fdatasync of the data so that the bits of extents written before it may leave the disk.
 CLEAR_INTERVAL = 1.0
 
 
@@ -177,9 +177,10 @@ class MapWriter:
     With a buffered provider ('direct off') a completed write may still be in the page cache
     only, while the map goes to disk with RWF_DSYNC: clearing its bit on disk then would let
     a power cut leave that extent differing from the peer's with nothing marking it.  So
-    there a bit is cleared on disk only by an image taken before an fdatasync() of the data
-    that succeeded; such a clearing store runs at most every CLEAR_INTERVAL seconds and never
-    while writes wait on the map (their images keep every bit that is on disk).
+    there a bit leaves the disk only when it is in ``clearable``: extents clean in memory
+    when an fdatasync() of the data started, and not dirtied since (every image taken
+    removes its bits).  A syncer thread runs that fdatasync every CLEAR_INTERVAL seconds
+    while bits wait to be cleared, outside ``lock``: stores never wait for it.
     """
 
     def __init__(self, primary: Primary) -> None:
@@ -197,7 +198,10 @@ class MapWriter:
         self.storing: bytes | None = None       # the image being written, if any
         self.stopping = False
         self.defer_clears = not primary.direct
-        self.clear_after = 0.0                  # monotonic time of the next clearing store
+        self.clearable = 0                      # buffered: bits whose data is on disk
+        self.candidates: int | None = None      # buffered: clearable once a sync succeeds
+        self.sync_lock = threading.Lock()       # one data sync at a time
+        self.sync_stop = threading.Event()      # the syncer waits on this, not on cv
         self.ondisk = bytes(self.size)          # the image last written
         self.image = _io.AlignedBuffer(max(self.size, 4096))
         self.fd = -1
@@ -208,6 +212,11 @@ class MapWriter:
                 self.fd = -1
         self.thread = threading.Thread(target=self._run, name="activemap", daemon=True)
         self.thread.start()
+        self.syncer: threading.Thread | None = None
+        if self.defer_clears:
+            self.syncer = threading.Thread(target=self._sync_loop, name="activemap_sync",
+                                           daemon=True)
+            self.syncer.start()
 
     def loaded(self, image: bytes) -> None:
         """The image read from disk at start-up (what is on disk now)."""
@@ -259,48 +268,82 @@ class MapWriter:
     def _run(self) -> None:
         while True:
             with self.cv:
-                while not self.waiting and not self.stopping:
-                    if not self.clean_pending:
-                        self.cv.wait()
-                        continue
-                    delay = self.clear_after - time.monotonic() if self.defer_clears else 0
-                    if delay <= 0:
-                        break
-                    self.cv.wait(delay)
+                while not self.waiting and not self.clean_pending and not self.stopping:
+                    self.cv.wait()
                 if self.stopping and not self.waiting:
                     return
             self.flush(update=True)
+
+    def _sync_loop(self) -> None:
+        """Buffered provider: make the data of clean extents durable, so their bits may go."""
+        # Not on cv: write_start()'s notify() must wake the writer thread, not this one.
+        while not self.sync_stop.wait(CLEAR_INTERVAL):
+            with self.cv:
+                ondisk = int.from_bytes(self.ondisk, "little")
+                pending = ondisk & ~int.from_bytes(self.amap.bitmap(), "little")
+            if pending & ~self.clearable and self.sync_data():
+                with self.cv:
+                    self.clean_pending = True
+                    self.cv.notify()
+
+    def sync_data(self) -> bool:
+        """fdatasync() the provider; then every extent clean in memory when it started, and
+        not dirtied since, may be cleared on disk."""
+        with self.sync_lock:
+            return self._sync_data()
+
+    def _sync_data(self) -> bool:
+        with self.cv:
+            mask = (1 << (8 * self.size)) - 1
+            self.candidates = mask & ~int.from_bytes(self.amap.bitmap(), "little")
+        try:
+            _io.flush(self.primary.mdfd)
+        except OSError as exc:
+            with self.cv:
+                self.candidates = None
+            log.warning(f"Unable to flush {self.primary.res.local} before clearing "
+                        f"activemap bits: {os.strerror(exc.errno or errno.EIO)}")
+            return False
+        with self.cv:
+            assert self.candidates is not None
+            self.clearable |= self.candidates
+            self.candidates = None
+        return True
+
+    def _buffered_image(self, image: bytes) -> bytes:
+        """``image`` plus the bits on disk that may not be cleared yet (cv held)."""
+        bits = int.from_bytes(image, "little")
+        self.clearable &= ~bits
+        if self.candidates is not None:
+            self.candidates &= ~bits
+        keep = int.from_bytes(self.ondisk[:len(image)], "little") & ~self.clearable
+        return (bits | keep).to_bytes(len(image), "little")
 
     def stop(self) -> None:
         with self.cv:
             self.stopping = True
             self.cv.notify()
+        self.sync_stop.set()
         self.thread.join(10)
+        if self.syncer is not None:
+            self.syncer.join(10)
 
     def flush(self, update: bool = False) -> None:
         """Write the current image; then dispatch every write it covers (in this thread)."""
         p = self.primary
+        if self.defer_clears and not update:
+            self.sync_data()            # an explicit flush (shutdown...) clears what it can
         with self.lock:
             with self.cv:
                 gen = self.dirty_gen
                 self.clean_pending = False
                 image = self.amap.bitmap()
-                clearing = False
                 if self.defer_clears:
-                    merged = self._or_ondisk(image)
-                    if merged != image:         # this image clears bits that are on disk
-                        if self.waiting or (update and time.monotonic() < self.clear_after):
-                            image, self.clean_pending = merged, True
-                        else:
-                            clearing = True
+                    image = self._buffered_image(image)
                 self.storing = image
             if update:
                 p.stats.activemap_update += 1
             try:
-                if clearing and not self._data_durable():
-                    with self.cv:
-                        image = self.storing = self._or_ondisk(image)
-                        self.clean_pending = True
                 self._store(image)
             finally:
                 with self.cv:
@@ -315,24 +358,6 @@ class MapWriter:
                 else:
                     self.waiting = [h for h in self.waiting if h.mapgen > gen]
         p.dispatch_writes(ready)
-
-    def _or_ondisk(self, image: bytes) -> bytes:
-        """``image`` with every bit of the image on disk set as well."""
-        n = len(image)
-        return (int.from_bytes(image, "little") | int.from_bytes(self.ondisk[:n], "little")
-                ).to_bytes(n, "little")
-
-    def _data_durable(self) -> bool:
-        """fdatasync() the provider before an image that clears bits is stored (lock held):
-        every write completed before that image was taken is then on disk."""
-        self.clear_after = time.monotonic() + CLEAR_INTERVAL
-        try:
-            _io.flush(self.primary.mdfd)
-        except OSError as exc:
-            log.warning(f"Unable to flush {self.primary.res.local} before clearing "
-                        f"activemap bits: {os.strerror(exc.errno or errno.EIO)}")
-            return False
-        return True
 
     def _store(self, image: bytes) -> None:
         p = self.primary

@@ -182,18 +182,41 @@ def test_buffered_provider_clears_a_bit_only_after_the_data_is_synced(
 
 
 @pytest.mark.parametrize("mapw", [False], ids=["buffered"], indirect=True)
-def test_buffered_provider_sets_bits_without_waiting_for_a_sync(
+def test_buffered_provider_stores_bits_while_the_data_sync_runs(
         mapw: MapWriter, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The urgent store (a write waits on its bit) never pays an fdatasync() of the data.
+    # The fdatasync() that lets bits go may take long (all the dirty pages): writes waiting
+    # for their bits on disk must not wait for it.
     p = mapw.primary
-    syncs: list[int] = []
-    monkeypatch.setattr(hast.primary._io, "flush", lambda fd: syncs.append(fd))
-    mapw.clear_after = time.monotonic() + 3600     # no clearing store during the test
-    for ext in range(4):
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_flush(fd: int) -> None:
+        entered.set()
+        assert release.wait(30)
+
+    monkeypatch.setattr(hast.primary._io, "flush", slow_flush)
+    monkeypatch.setattr(hast.primary, "CLEAR_INTERVAL", 0.01)
+    for ext in (0, 1):                             # extent 1 evicts extent 0: a clear waits
         h = _write(ext)
         _start(mapw, h)
         p.wait_dispatched(h)
         mapw.write_complete(h.offset, h.length)
-    image = p.disk_image(mapw.size)
-    assert [_bit(image, ext) for ext in range(4)] == [1, 1, 1, 1]
-    assert syncs == []
+    assert entered.wait(30)                        # the syncer is in its fdatasync()
+    try:
+        for ext in range(2, 6):
+            h = _write(ext)
+            _start(mapw, h)
+            p.wait_dispatched(h)
+            assert _bit(p.disk_image(mapw.size), ext) == 1
+            mapw.write_complete(h.offset, h.length)
+        image = p.disk_image(mapw.size)
+        assert [_bit(image, ext) for ext in range(6)] == [1] * 6   # nothing cleared yet
+    finally:
+        release.set()
+    # Then the syncer's next rounds let every extent but the one kept dirty go.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        image = p.disk_image(mapw.size)
+        if [_bit(image, ext) for ext in range(6)] == [0, 0, 0, 0, 0, 1]:
+            break
+        time.sleep(0.01)
+    assert [_bit(image, ext) for ext in range(6)] == [0, 0, 0, 0, 0, 1]
