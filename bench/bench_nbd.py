@@ -22,9 +22,10 @@ of the references and of py-hast fullsync are interleaved run by run.
 
 CPU placement is pinned and reported: clients (fio, nbdcopy) on ``--client-cpus``, every
 server process (nbdkit, qemu-nbd, both hastd nodes and their workers) on ``--server-cpus``
-(default: client CPU 0, servers CPU 1 on a machine with two or more CPUs).  A wake-up across
-CPUs costs ~30 us on this VM, so QD1 figures depend on the placement more than on anything
-else (linux-frontends.md §3.2).
+(default: client CPU 0, servers CPU 1 on a machine with two or more CPUs);
+``--secondary-cpus`` moves py-hast's secondary elsewhere, as it would be on its own host.  A
+wake-up across CPUs costs ~30 us on this VM, so QD1 figures depend on the placement more than
+on anything else (linux-frontends.md §3.2).
 
 Output: a table (absolute figures, then ratios against the references, then the targets),
 ``nbd.json`` and ``nbd.png`` (throughput and latency against queue depth) in ``--out``
@@ -109,6 +110,7 @@ class Options:
     refs: tuple[str, ...] = REFS
     client_cpus: str = "0"
     server_cpus: str = "1"
+    secondary_cpus: str = ""    # empty: the secondary runs on server_cpus with the rest
     out: Path = HERE / "results"
     workdir: Path | None = None
     sync_runs: int = 3
@@ -229,9 +231,11 @@ class RefServer:
 class Hast:
     """The py-hast pair: providers, daemons, roles, modes, and the sync measurements."""
 
-    def __init__(self, workdir: Path, size: int, direct: bool, keepdirty: int = 0) -> None:
+    def __init__(self, workdir: Path, size: int, direct: bool, keepdirty: int = 0,
+                 secondary_cpus: str = "") -> None:
         # provider = metadata + activemap + data: 1 MiB more leaves at least `size` of data
         self.size = size
+        self.secondary_cpus = parse_cpus(secondary_cpus) if secondary_cpus else None
         self.create_opts = ("-k", str(keepdirty)) if keepdirty else ()
         self.mode = "fullsync"
         self.degraded = False
@@ -259,7 +263,7 @@ class Hast:
         fill_random(p.disk(PRIMARY), self.size + MiB)
         for node in (PRIMARY, SECONDARY):
             p.create(node, *self.create_opts)
-            p.start(node)
+            self._start(node)
         # First pairing: the primary is virgin, nothing is synchronized.
         p.role(SECONDARY, "secondary")
         p.role(PRIMARY, "primary")
@@ -274,11 +278,21 @@ class Hast:
         for node in (PRIMARY, SECONDARY):
             p.stop(node)
         for node in (PRIMARY, SECONDARY):
-            p.start(node)
+            self._start(node)
         p.role(SECONDARY, "secondary")
         p.role(PRIMARY, "primary")
         p.wait_complete(PRIMARY, timeout=600)
         self.degraded = False
+
+    def _start(self, node: str) -> None:
+        """Start a daemon; the secondary's goes to its own CPUs if asked (as on its own host):
+        the worker it forks for the role inherits the placement."""
+        self.pair.start(node)
+        if node == SECONDARY and self.secondary_cpus is not None:
+            pid = self.pair.daemons[node].pid
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(tid), self.secondary_cpus)
 
     def degrade(self) -> None:
         """The secondary goes away: the primary serves alone (local overhead only)."""
@@ -591,8 +605,10 @@ def render(res: Results) -> str:
     m = res.meta
     out.append(f"py-hast NBD benchmark, {m.get('date')}: {m.get('cpu')} x{m.get('ncpu')}, "
                f"kernel {m.get('kernel')}")
+    secondary = (f" (py-hast's secondary on CPU {res.opts.secondary_cpus})"
+                 if res.opts.secondary_cpus else "")
     out.append(f"placement: clients on CPU {res.opts.client_cpus}, servers on CPU "
-               f"{res.opts.server_cpus}; {res.opts.runs} runs x {res.opts.runtime:g} s "
+               f"{res.opts.server_cpus}{secondary}; {res.opts.runs} runs x {res.opts.runtime:g} s "
                f"(+{res.opts.ramp:g} s ramp), {res.opts.size // MiB} MiB files on "
                f"{m.get('filesystem')}; py-hast direct={'on' if res.opts.direct else 'off'}, "
                f"keepdirty {res.opts.keepdirty or 'default'}; "
@@ -721,6 +737,7 @@ def _meta(opts: Options, workdir: Path) -> dict:
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu, "ncpu": os.cpu_count(),
             "kernel": platform.release(), "filesystem": " ".join(fs), "workdir": str(workdir),
             "client_cpus": opts.client_cpus, "server_cpus": opts.server_cpus,
+            "secondary_cpus": opts.secondary_cpus or opts.server_cpus,
             "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
             "versions": {"fio": version("fio", "--version"),
                          "nbdkit": version("nbdkit", "--version"),
@@ -753,7 +770,7 @@ def suite(opts: Options) -> Results:
             servers[name].start()
         src = base / "source.img"
         fill_random(src, opts.size)
-        hast = Hast(base / "pair", opts.size, opts.direct, opts.keepdirty)
+        hast = Hast(base / "pair", opts.size, opts.direct, opts.keepdirty, opts.secondary_cpus)
         hast.create_and_start()
 
         # Copies: nbdcopy into nbdkit file against the initial sync, interleaved.
@@ -851,6 +868,9 @@ def options(argv: list[str]) -> Options:
     ap.add_argument("--server-cpus", default=server)
     ap.add_argument("--buffered", action="store_true",
                     help="py-hast.conf 'direct off' (default: py-hast's default, O_DIRECT)")
+    ap.add_argument("--secondary-cpus", default="",
+                    help="run py-hast's secondary on these CPUs, as on its own host "
+                         "(default: with the other servers)")
     ap.add_argument("--keepdirty", type=int, default=0,
                     help="hastctl create -k for both nodes (default: hastctl's, 64)")
     ap.add_argument("--out", type=Path, default=HERE / "results")
@@ -859,6 +879,7 @@ def options(argv: list[str]) -> Options:
     a = ap.parse_args(argv)
     o = Options(client_cpus=a.client_cpus, server_cpus=a.server_cpus, out=a.out,
                 workdir=a.workdir, direct=not a.buffered, keepdirty=a.keepdirty,
+                secondary_cpus=a.secondary_cpus,
                 keep=a.keep or a.workdir is not None)
     if a.quick:
         o.quick = True
