@@ -210,7 +210,7 @@ class Synchronizer:
         if not self._alive(gen) or not p.connected:
             return
         with p.lock:
-            from_secondary = p.syncsrc == 2
+            from_secondary = p.syncsrc == SYNCSRC_SECONDARY
             p.syncsrc = 0
             p.localcnt = p.peer_remotecnt
             p.remotecnt = p.peer_localcnt

@@ -565,6 +565,13 @@ sub=$1; shift
 echo "hastctl $sub $*" >> "$STUB/calls"
 case $sub in
 list)
+	# $STUB/listfail: how many more lists fail as hastd's do while a worker exits
+	n=$(cat "$STUB/listfail" 2>/dev/null || echo 0)
+	if [ "$n" -gt 0 ]; then
+		echo $((n - 1)) > "$STUB/listfail"
+		echo "[ERROR] Error 104 received from hastd." >&2
+		exit 70
+	fi
 	for r in ${*:-r0 r1}; do
 		echo "$r:"
 		echo "  role: $(cat "$STUB/role.$r" 2>/dev/null || echo init)"
@@ -709,6 +716,28 @@ def test_freebsd_carp_ufs_and_zfs(freebsd: tuple[Path, dict[str, str]], script: 
     assert res.returncode == 0
     assert "event MASTER is stale: the state is BACKUP now" in res.stderr
     assert not any("role primary" in c for c in calls(stub))
+
+
+def test_a_worker_restarting_does_not_stop_a_switch(freebsd: tuple[Path, dict[str, str]],
+                                                    script: Path) -> None:
+    # hastd answers hastctl list with an error (exit 70) while the resource's worker exits,
+    # e.g. a secondary whose primary just went away: the switch asks again.
+    stub, env = freebsd
+    (stub / "carp").write_text("MASTER\n")
+    (stub / "listfail").write_text("2\n")
+    res = run_devd(script, env, "MASTER")
+    assert res.returncode == 0, res.stderr
+    assert "hastctl role primary r0" in calls(stub)
+    assert (stub / "listfail").read_text().strip() == "0"
+    # a hastd that keeps failing is reported, not retried forever
+    (stub / "carp").write_text("BACKUP\n")
+    run_devd(script, env, "BACKUP")
+    (stub / "carp").write_text("MASTER\n")
+    (stub / "listfail").write_text("100\n")
+    res = run_devd(script, env, "MASTER")
+    assert res.returncode != 0
+    assert "hastctl list failed: [ERROR] Error 104 received from hastd." in res.stderr
+    assert int((stub / "listfail").read_text()) == 95   # asked 5 times, then reported
 
 
 def test_usage_and_configuration_errors(freebsd: tuple[Path, dict[str, str]],
