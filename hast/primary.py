@@ -851,15 +851,6 @@ class Primary:
 
     # -- completion ---------------------------------------------------------------------
     def local_done(self, hio: HIO, err: int) -> None:
-        if not err and hio.cmd == HIO_READ and not hio.sync:
-            # The common READ: one component, no range lock, nothing else completes it.
-            hio.errors[LOCAL] = 0
-            hio.local_done = True
-            with self.lock:
-                self.inflight -= 1
-            hio.acked = True
-            hio.done(0)
-            return
         if err and hio.cmd == HIO_READ and not hio.sync and self.connected:
             # transparent fallback: the secondary serves what the local disk cannot
             log.warning(f"Local READ({hio.offset}, {hio.length}) failed, reading from the "
